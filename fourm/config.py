@@ -1,0 +1,109 @@
+"""Config loading: ml-collections `get_config(arg)` files plus `--config.key=value` overrides.
+
+Every command takes `--config path.py[:arg]`. A bare name (`--config scenes`) is looked up in the
+repository's `configs/` folder, so commands run on their embedded defaults with no arguments.
+Shared defaults live in `configs/common.py`; the other config files start from it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import ml_collections
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def resolve_config_path(spec: str) -> tuple[Path, str | None]:
+    """Split `path.py[:arg]` and find the file (a bare name means `configs/<name>.py`)."""
+    path_str, _, arg = spec.partition(":")
+    path = Path(path_str)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{path_str}.py"
+    if not path.exists() and not path.is_absolute() and (CONFIG_DIR / path.name).exists():
+        path = CONFIG_DIR / path.name
+    if not path.exists():
+        raise FileNotFoundError(
+            f"config file {path} not found (from --config {spec!r}); known configs: "
+            f"{sorted(p.stem for p in CONFIG_DIR.glob('*.py') if p.stem != '__init__')}"
+        )
+    return path, (arg or None)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load `path.py[:arg]` and apply `key=value` overrides (the same syntax as `--config.key=value`)."""
+    path, arg = resolve_config_path(spec)
+    module_name = f"_fourm_config_{path.stem}_{abs(hash(str(path)))}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    module_spec.loader.exec_module(module)
+    cfg = module.get_config(arg) if arg is not None else module.get_config()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like key=value")
+        apply_override(cfg, key.removeprefix("--config.").removeprefix("config."), value)
+    return cfg
+
+
+def apply_override(cfg: ml_collections.ConfigDict, dotted_key: str, value: str) -> None:
+    """Set `cfg.a.b = value`, parsing value with the type of the existing field."""
+    *parents, leaf = dotted_key.split(".")
+    node = cfg
+    for p in parents:
+        if p not in node:
+            raise KeyError(f"config has no field {dotted_key!r} (missing {p!r})")
+        node = node[p]
+    if leaf not in node:
+        raise KeyError(f"config has no field {dotted_key!r}; fields here: {sorted(node.keys())}")
+    node[leaf] = _parse_like(node[leaf], value, dotted_key)
+
+
+def _parse_like(current: Any, value: str, key: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if value.lower() in ("1", "true", "yes"):
+                return True
+            if value.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError(value)
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, str) or current is None:
+            return value
+        if isinstance(current, (tuple, list)):
+            parsed = json.loads(value) if value.strip().startswith("[") else [
+                v for v in value.split(",") if v]
+            if current and not isinstance(current[0], str):
+                parsed = [type(current[0])(v) for v in parsed]
+            return type(current)(parsed)
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"--config.{key}: cannot parse {value!r} as {type(current).__name__}") from e
+    raise ValueError(f"--config.{key}: cannot override a field of type {type(current).__name__}")
+
+
+def define_config_flag(default: str, help_text: str = "ml-collections config file, path.py[:arg]"):
+    """Define absl's `--config` flag (with `--config.key=value` overrides) defaulting to `default`."""
+    from ml_collections import config_flags
+
+    path, arg = resolve_config_path(default)
+    spec = f"{path}:{arg}" if arg else str(path)
+    return config_flags.DEFINE_config_file("config", spec, help_text, lock_config=False)
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    """Resolved config as JSON (written next to checkpoints and artifacts)."""
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def common_config() -> ml_collections.ConfigDict:
+    """The shared defaults of `configs/common.py`; other config files start from these."""
+    return load_config(str(CONFIG_DIR / "common.py"))
