@@ -90,13 +90,28 @@ def _parse_like(current: Any, value: str, key: str) -> Any:
     raise ValueError(f"--config.{key}: cannot override a field of type {type(current).__name__}")
 
 
-def define_config_flag(default: str, help_text: str = "ml-collections config file, path.py[:arg]"):
-    """Define absl's `--config` flag (with `--config.key=value` overrides) defaulting to `default`."""
-    from ml_collections import config_flags
+def define_config_flag(default: str, help_text: str = "ml-collections config file, path.py[:arg] "
+                       "or a name in configs/ (e.g. pretrain:smoke)"):
+    """Define absl's `--config` flag (with `--config.key=value` overrides) defaulting to `default`.
+
+    Like ml-collections' DEFINE_config_file, except that a bare name (`--config pretrain:smoke`)
+    is looked up in the repository's configs/ folder, on the command line as for the default.
+    """
+    from absl import flags
+    from ml_collections.config_flags import config_flags
+
+    class _Parser(config_flags.ConfigFileFlagParser):
+        def parse(self, value):
+            path, arg = resolve_config_path(value)
+            return super().parse(f"{path}:{arg}" if arg is not None else str(path))
 
     path, arg = resolve_config_path(default)
     spec = f"{path}:{arg}" if arg else str(path)
-    return config_flags.DEFINE_config_file("config", spec, help_text, lock_config=False)
+    flag = config_flags._ConfigFlag(  # noqa: SLF001  (the documented flag class, own parser)
+        parser=_Parser(name="config", lock_config=False), serializer=flags.ArgumentSerializer(),
+        name="config", default=spec, help_string=help_text, flag_values=flags.FLAGS,
+        accept_new_attributes=False, sys_argv=None)
+    return flags.DEFINE_flag(flag, flags.FLAGS)
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

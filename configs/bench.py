@@ -1,0 +1,104 @@
+"""`fourm-bench`: what each benchmark measures and at which sizes.
+
+Variants: the default (the reference shapes of the issue: 4M's batch 8, 128 + 128 tokens,
+rgb@224 pixels + tok_rgb@224 + tok_depth@224 + caption with 4M's vocabularies, fp32) and `quick`
+(`--quick`, or `--config configs/bench.py:quick`: small shapes for a CI smoke run, same code
+paths). Plain flags of the command (--only, --device, --peak_tflops, --iters, --isolate) are
+aliases of fields here.
+"""
+
+import ml_collections
+
+from fourm.config import common_config
+
+REFERENCE_MODALITIES = ["rgb@224", "tok_rgb@224", "tok_depth@224", "caption"]
+QUICK_MODALITIES = ["rgb@64", "tok_rgb@64", "tok_depth@64", "caption"]
+
+
+def get_config(arg=None):
+  quick = arg == "quick"
+  if arg not in (None, "", "quick"):
+    raise ValueError(f"configs/bench.py: variant {arg!r} not known; use 'quick' or nothing")
+  c = common_config()
+  c.quick = quick
+  c.only = ["model", "train", "generate", "tokenizer", "scenes", "pretokenize", "masking", "pipeline",
+            "trainer"]
+  c.device = "cpu"  # cpu | gpu (gpu: bf16 compute, MFU against peak_tflops)
+  c.dtype = ""  # compute dtype; "" = float32 on cpu, bfloat16 on gpu
+  c.peak_tflops = 989.0  # dense bf16 peak of one H100/H200 SXM, for MFU
+  c.iters = 2 if quick else 3  # timed calls per figure (median), after one warm-up call
+  # Each benchmark group in a fresh process: its own peak RSS and device peak, and no compiled
+  # programs or caches left by an earlier group. False = one process (faster; RSS peaks reset).
+  c.isolate = not quick
+
+  # Model forward / forward+backward (and the train step) at 4M's reference shapes.
+  c.model = ml_collections.ConfigDict(dict(
+      sizes=["tiny"] if quick else ["tiny", "base"],
+      batch=2 if quick else 8,
+      input_tokens=32 if quick else 128,
+      target_tokens=32 if quick else 128,
+      family="fourm" if quick else "ml4m",  # ml4m = 4M's vocabularies (16384 / 8192 / 30000)
+      modalities=QUICK_MODALITIES if quick else REFERENCE_MODALITIES,
+      head_impl="chunked",  # chunked | dense
+      scan_layers=True,
+      remat="none",
+      # >0 replaces the size's depth (encoder and decoder): tests use 1 to compile fast.
+      depth=0,
+  ))
+  c.train = ml_collections.ConfigDict(dict(size="tiny"))  # train step = fwd+bwd + AdamW, donated state
+
+  # Generation: RGB -> depth (MaskGIT, cosine schedule) -> caption (greedy, KV cache).
+  c.generate = ml_collections.ConfigDict(dict(
+      sizes=["tiny"],  # the reference also has base (MaskGIT 5.9 s)
+      batch=1,
+      steps=8,
+      caption_tokens=4 if quick else 20,
+      loop="auto",  # auto | scan | unrolled (fourm.generate.chain.Generator)
+  ))
+
+  # Tokenizers: the repository's recipes with random weights, and the text tokenizer.
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      recipes=["rgb"] if quick else ["rgb", "depth"],
+      resolutions=[64] if quick else [64, 224],
+      batch=4 if quick else 32,
+      captions=200 if quick else 2000,
+      tiny=quick,  # the recipes' smoke-test models
+  ))
+
+  # Scene generator: scenes per second (one process's CPU rate, and wall rate with workers).
+  c.scenes = ml_collections.ConfigDict(dict(
+      resolutions=[64] if quick else [64, 224],
+      workers=[1] if quick else [1, 2],
+      num=20 if quick else 400,  # at 64 px; scaled by (64 / R)^2 for larger R, min 40 (10 quick)
+  ))
+
+  # Pre-tokenization: scenes -> VQ tokens + text tokens -> ArrayRecord shards.
+  c.pretokenize = ml_collections.ConfigDict(dict(
+      num=16 if quick else 128,
+      resolution=64,
+      modalities=["rgb@64", "tok_rgb@64", "tok_depth@64", "caption"],
+      # vq: the recipes' VQ tokenizers (random weights) | vq_tiny: their smoke-test models |
+      # patch: fourm.bench.shards' patch quantizers (no network)
+      tokenizers="vq_tiny" if quick else "vq",
+      batch=16 if quick else 32,
+  ))
+
+  c.masking = ml_collections.ConfigDict(dict(num=200 if quick else 4000))
+
+  # Input pipeline: shards -> decode -> masking -> batches, as the trainer builds it.
+  c.pipeline = ml_collections.ConfigDict(dict(
+      num_scenes=32 if quick else 256,
+      batch=8 if quick else 64,  # the pretrain config's global batch
+      batches=4 if quick else 40,
+      num_threads=2,
+      num_workers=0,
+  ))
+
+  # The real trainer (fourm.bench.train): configs/pretrain.py:<variant> on generated scene shards.
+  c.trainer = ml_collections.ConfigDict(dict(
+      variant="smoke" if quick else "tiny",
+      steps=2 if quick else 5,
+      input_batches=3 if quick else 20,
+      scenes=64 if quick else 256,
+  ))
+  return c

@@ -1,0 +1,145 @@
+"""`fourm-bench`: the benchmark suite in one command; a table, JSON, comparison across commits.
+
+    fourm-bench                                   # everything at the reference shapes (CPU, fp32)
+    fourm-bench --only model,scenes --json out.json
+    fourm-bench --quick                           # small shapes: a CI smoke run
+    fourm-bench --compare old.json --json new.json
+    fourm-bench --device gpu --peak_tflops 989    # bf16 compute, MFU column (H100/H200 dense bf16)
+
+Prints, per figure: name | time | CPU time | throughput | peak mem | FLOPs | FLOP/s | [MFU |] vs
+reference (the PyTorch ml-4m timings on the 2-core CPU machine, where the shapes match). Groups:
+model, train (train step at the model's shapes), generate, tokenizer, scenes, pretokenize, masking,
+pipeline, trainer (the real trainer via fourm.bench.train); see fourm.bench.suite. Settings are
+fields of configs/bench.py (`--config configs/bench.py:quick`, `--config.model.sizes=tiny`); the
+plain flags are aliases of those fields and win over them. Exit status 1 when a group failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+from fourm.config import define_config_flag
+
+_CONFIG = define_config_flag("bench")
+flags.DEFINE_list("only", None, "benchmark groups to run (model, train, generate, tokenizer, scenes, "
+                  "pretokenize, masking, pipeline, trainer); alias of config.only")
+flags.DEFINE_list("skip", [], "benchmark groups to leave out")
+flags.DEFINE_boolean("quick", False, "small shapes for a CI smoke run (= --config configs/bench.py:quick)")
+flags.DEFINE_enum("device", None, ["cpu", "gpu"], "cpu (fp32) or gpu (bf16, MFU); alias of config.device")
+flags.DEFINE_float("peak_tflops", None, "accelerator peak TFLOP/s for MFU (default 989 = H100/H200 dense "
+                   "bf16); alias of config.peak_tflops")
+flags.DEFINE_integer("iters", None, "timed calls per figure (median); alias of config.iters")
+flags.DEFINE_boolean("isolate", None, "each group in a fresh process (own peak memory); alias of "
+                     "config.isolate")
+flags.DEFINE_string("json", None, "write the results (and machine, commit, config) to this JSON file")
+flags.DEFINE_string("compare", None, "a JSON file an earlier run wrote: print time ratios against it")
+FLAGS = flags.FLAGS
+
+
+def _config_overrides(args) -> list[str]:
+    """The `--config.key=value` / `--config.key value` arguments, as `key=value`."""
+    out = []
+    for i, a in enumerate(args):
+        if a.startswith("--config."):
+            out.append(a if "=" in a else f"{a}={args[i + 1] if i + 1 < len(args) else ''}")
+    return out
+
+
+def resolved_config():
+    """configs/bench.py (quick variant with --quick), then config overrides, then plain flags."""
+    from fourm.config import load_config
+
+    c = _CONFIG.value
+    if FLAGS.quick and not c.quick:
+        c = load_config("bench:quick", _config_overrides(sys.argv[1:]))
+    for flag, field in (("only", "only"), ("device", "device"), ("peak_tflops", "peak_tflops"),
+                        ("iters", "iters"), ("isolate", "isolate")):
+        if FLAGS[flag].value is not None:
+            c[field] = FLAGS[flag].value
+    c.only = [g for g in c.only if g not in set(FLAGS.skip)]
+    return c
+
+
+def _select_platform(device: str) -> None:
+    # Before jax is imported anywhere: the platform (and the child processes') follows --device.
+    # Without it a CPU machine with libtpu installed spends seconds probing for a TPU.
+    os.environ["JAX_PLATFORMS"] = "cpu" if device == "cpu" else "cuda"
+
+
+def _main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"fourm-bench takes no positional arguments, got {argv[1:]}")
+    c = resolved_config()
+    _select_platform(c.device)
+
+    from fourm.bench import common, suite
+
+    try:
+        groups = suite.check_groups(c.only)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    old = common.read_json(FLAGS.compare) if FLAGS.compare else None  # fail before hours of work
+    import jax
+
+    try:
+        backend = jax.default_backend()
+    except Exception as e:  # noqa: BLE001 - jax raises assorted errors when a platform is missing
+        raise app.UsageError(f"--device {c.device}: jax cannot start platform "
+                             f"{os.environ['JAX_PLATFORMS']!r} ({type(e).__name__}: {e}); on a GPU "
+                             f"machine install jax[cuda]") from None
+    if c.device == "gpu" and backend != "gpu":
+        raise app.UsageError(f"--device gpu but jax runs on {backend!r} (install jax[cuda])")
+    env = common.environment()
+    print(f"fourm-bench: {len(groups)} group(s) on {env['device_kind']} ({env['backend']}, "
+          f"{env['cpu_count']} CPUs, load average {env['load_average']}), {suite.compute_dtype(c)}, "
+          f"commit {env['commit']}" + (" [quick]" if c.quick else ""), flush=True)
+    results, failed = suite.run_suite(c, groups)
+    peak = c.peak_tflops * 1e12 if c.device == "gpu" else None
+    env_after = common.environment()
+    print("\n" + common.format_table(results, peak))
+    notes = [f"  {r.name}: {r.note}" for r in results if r.note]
+    if notes:
+        print("notes:\n" + "\n".join(notes))
+    print(f"load average before {env['load_average']}, after {env_after['load_average']} "
+          f"({env['cpu_count']} CPUs): timings on a shared machine are noisy")
+    if failed:
+        print("FAILED groups:\n" + "\n".join(f"  {k}: {v}" for k, v in failed.items()))
+    if old:
+        print("\n" + common.format_comparison(results, old[1], old[0]))
+        differ = _settings_differ(old[0].get("config", {}), c.to_dict())
+        if differ:
+            print(f"warning: the old run used other settings for {differ}: same names, different work")
+    if FLAGS.json:
+        meta = dict(env, load_average_after=env_after["load_average"], config=c.to_dict(),
+                    dtype=suite.compute_dtype(c), failed=failed, peak_flops=peak)
+        print(f"wrote {common.write_json(FLAGS.json, results, meta)}")
+    return 1 if failed else 0
+
+
+def _settings_differ(old: dict, new: dict) -> list[str]:
+    """Config sections that change what a figure measures (not which groups ran or how often)."""
+    return [k for k in sorted(set(old) | set(new))
+            if k not in ("only", "iters", "isolate", "peak_tflops") and old.get(k) != new.get(k)]
+
+
+def _parse_flags(argv):
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"{e}\nPass --help for usage.", file=sys.stderr)
+        sys.exit(2)
+    except SystemExit as e:  # absl exits with status 1 after printing --help; asking is not an error
+        if any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in argv[1:]):
+            sys.exit(0)
+        raise
+
+
+def main():
+    app.run(lambda argv: sys.exit(_main(argv)), flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    main()
