@@ -243,11 +243,12 @@ def stage_report(cfg, out: Path) -> dict:
             imgs.append(report.img_html(str(p.relative_to(root)), f"{field}: input | reconstruction"))
     sections.append(("Tokenizers (held-out)", report.table_html(tok_rows) + "".join(imgs)))
     curves = {}
-    metrics = report.read_jsonl(root / "pretrain" / "metrics.jsonl")
-    for key in sorted({k for m in metrics for k in m if k.startswith("train/loss")}):
-        pts = [(m["step"], m[key]) for m in metrics if key in m and "step" in m]
+    metrics = [m for m in report.read_jsonl(root / "pretrain" / "metrics.jsonl")
+               if m.get("split", "train") == "train" and "step" in m]
+    for key in sorted({k for m in metrics for k in m if k == "loss" or k.startswith("loss/")}):
+        pts = [(m["step"], m[key]) for m in metrics if key in m]
         if pts:
-            curves[key.removeprefix("train/")] = tuple(zip(*pts))
+            curves[key] = tuple(zip(*pts))
     report.plot_curves(curves, out / "loss.png", title="pretraining loss", log_y=True)
     sections.append(("Pretraining", report.img_html("report/loss.png", "training loss per modality")))
     g = done.get("generate", {})

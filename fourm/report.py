@@ -38,7 +38,7 @@ def plot_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
     """Line plot of {name: (x, y)} to a PNG (axes, ticks, legend), written atomically."""
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
-    left, right, top, bottom = 60, width - 150, 30, height - 40
+    left, right, top, bottom = 60, width - 190, 30, height - 40
     xs = [np.asarray(x, float) for x, _ in series.values() if len(x)]
     ys = [np.asarray(y, float) for _, y in series.values() if len(y)]
     if title:
@@ -81,7 +81,7 @@ def plot_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
         elif pts:
             d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
         d.line([right + 10, top + 10 + 16 * k, right + 30, top + 10 + 16 * k], fill=colour, width=3)
-        d.text((right + 36, top + 4 + 16 * k), name[:16], fill="black")
+        d.text((right + 36, top + 4 + 16 * k), name[:24], fill="black")
     return _save(img, path)
 
 
