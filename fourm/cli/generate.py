@@ -1,0 +1,356 @@
+"""`fourm-generate`: any-to-any generation from the command line, with pictures as output.
+
+    fourm-generate --checkpoint DIR --tokenizers DIR --cond rgb=photo.png \\
+        --targets depth,normals,caption --out runs/generate
+    fourm-generate --checkpoint DIR --tokenizers DIR \\
+        --cond caption="a red cube left of a blue sphere" --targets rgb,depth
+    fourm-generate ... --targets depth:steps=12:temperature=0:guidance_scale=2,caption:top_p=0.9
+
+Writes per sample and target a PNG (depth colour-mapped, normals as colours, segmentation with
+its palette, RGB as is, boxes drawn on the RGB) or a .txt (captions, metadata), a side-by-side
+grid of conditions and outputs (grid.png), the tokens (tokens.npz) and generation.json.
+Names may be short (rgb, depth, normals, semseg, caption, det/boxes, metadata) or the model's
+(tok_depth@64). Conditions: images (.png/.jpg), arrays (.npy: token ids or native depth /
+normals / classes), boxes / metadata (.json), text files (.txt) or literal text.
+
+`fourm-generate-eval --checkpoint DIR --tokenizers DIR` scores RGB -> depth / normals / caption
+on held-out procedural scenes against mean baselines (`fourm.generate.evaluate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+
+from fourm.config import define_config_flag
+
+_CONFIG = define_config_flag("generate")
+flags.DEFINE_string("checkpoint", None, "model: fourm checkpoint (config.json + model.safetensors) "
+                    "or an official 4M checkpoint folder")
+flags.DEFINE_string("tokenizers", None, "folder of tokenizers (one subfolder each: image tokenizer "
+                    "workdirs / exports, and the text tokenizer)")
+flags.DEFINE_multi_string("cond", [], "condition NAME=VALUE (repeatable)")
+flags.DEFINE_list("targets", [], "targets in order, each NAME[:key=value[:key=value...]]")
+flags.DEFINE_string("out", None, "output folder (default: config.out)")
+flags.DEFINE_integer("seed", None, "random seed (default: config.seed)")
+flags.DEFINE_integer("batch", None, "samples per condition set (default: config.batch)")
+FLAGS = flags.FLAGS
+
+SHORT = {"rgb": "rgb", "image": "rgb", "depth": "depth", "normals": "normals", "normal": "normals",
+         "semseg": "semseg", "segmentation": "semseg", "caption": "caption", "text": "caption",
+         "det": "boxes", "boxes": "boxes", "metadata": "metadata"}
+
+
+# ------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------
+def load_model(path: str):
+    from fourm.model.pretrained import CONFIG_FILE, read_config, load_pretrained
+
+    p = Path(path)
+    if not (p / CONFIG_FILE).is_file():
+        raise app.UsageError(f"--checkpoint {p}: no {CONFIG_FILE} there (expected a fourm or 4M "
+                             "checkpoint folder)")
+    doc = json.loads((p / CONFIG_FILE).read_text())
+    if "format" in doc:
+        read_config(p)
+        return load_pretrained(p)
+    from fourm.compat import ml4m
+
+    return ml4m.load(p)
+
+
+def load_tokenizers(path: str | None) -> dict[str, Any]:
+    """{modality name: ImageTokenizer, "text": TextTokenizer} from a folder of tokenizer folders."""
+    if not path:
+        return {}
+    from fourm.tokenizers.text import MODEL_FILE, TextTokenizer
+
+    root = Path(path)
+    if not root.is_dir():
+        raise app.UsageError(f"--tokenizers {root}: no such folder")
+    out = {}
+    for d in sorted([root] + [c for c in root.iterdir() if c.is_dir()]):
+        if (d / MODEL_FILE).is_file():
+            out["text"] = TextTokenizer.load(d)
+        elif d != root and ((d / "checkpoints").is_dir() or any(d.glob("*.json"))):
+            try:
+                tok = load_image_tokenizer(d)
+            except (FileNotFoundError, ValueError, KeyError) as e:
+                print(f"[fourm-generate] skipping {d}: {e}")
+                continue
+            out[tok.name] = tok
+    if not out:
+        raise app.UsageError(f"--tokenizers {root}: found no tokenizer folders inside")
+    return out
+
+
+def load_image_tokenizer(path: Path):
+    """An image tokenizer from a training workdir (checkpoints/) or an exported folder."""
+    if (path / "checkpoints").is_dir():
+        from fourm.tokenizers.image import ImageTokenizer
+
+        return ImageTokenizer.from_checkpoint(path)
+    import fourm.tokenizers as tokenizers_pkg
+
+    if not hasattr(tokenizers_pkg, "load"):
+        raise FileNotFoundError(f"{path} has no checkpoints/ folder and this install has no "
+                                "exported-tokenizer loader")
+    return tokenizers_pkg.load(path)
+
+
+def resolve_name(spec, name: str, role: str) -> str:
+    """Model modality for a short or full name; conditions prefer pixel inputs (rgb@R) and
+    targets token modalities (tok_rgb@R)."""
+    from fourm.generate.inputs import GenerationInputError
+
+    if name in spec.names:
+        return name
+    source = SHORT.get(name.lower())
+    cands = [m for m in spec.modalities if source and m.source == source]
+    if role == "target":
+        cands = [m for m in cands if m.name in spec.domains_out]
+    else:
+        cands = sorted([m for m in cands if m.name in spec.domains_in], key=lambda m: m.kind != "pixels")
+    if not cands:
+        raise GenerationInputError(f"unknown {role} modality {name!r}; this model has "
+                                   f"{list(spec.names)} (short names: {sorted(SHORT)})")
+    return cands[0].name
+
+
+# ------------------------------------------------------------------------------------------
+# Conditions and targets from flags
+# ------------------------------------------------------------------------------------------
+def read_condition(mod, value: str, res: int):
+    """A condition value: a file (image, .npy, .json, .txt) or literal text for sequences."""
+    import numpy as np
+    from PIL import Image
+
+    from fourm.tokenizers import structure
+
+    p = Path(value)
+    if p.is_file():
+        ext = p.suffix.lower()
+        if ext in (".png", ".jpg", ".jpeg"):
+            img = Image.open(p)
+            if mod.kind == "pixels" or mod.source == "rgb":
+                return np.asarray(img.convert("RGB"))
+            if mod.source == "normals":
+                from fourm.data.folder import decode_normals
+                return decode_normals(np.asarray(img.convert("RGB")))
+            if mod.source == "depth" and img.mode in ("I", "I;16"):
+                from fourm.data.folder import DEFAULT_DEPTH_SCALE, decode_depth_png16
+                return decode_depth_png16(np.asarray(img), DEFAULT_DEPTH_SCALE)
+            return np.asarray(img)
+        if ext == ".npy":
+            return np.load(p, allow_pickle=False)
+        if ext == ".json":
+            obj = json.loads(p.read_text())
+            if mod.source == "boxes":
+                return structure.boxes_to_text(obj, (res, res))
+            if mod.source == "metadata":
+                return structure.metadata_to_text(obj)
+            raise ValueError(f"--cond {mod.name}={value}: JSON is only for boxes / metadata")
+        if ext == ".txt":
+            return p.read_text(encoding="utf-8").strip()
+    if mod.kind == "sequence":
+        return value
+    raise FileNotFoundError(f"--cond {mod.name}={value}: no such file")
+
+
+def parse_target(spec, item: str, cfg):
+    from fourm.generate.chain import Target
+
+    name, *opts = item.split(":")
+    name = resolve_name(spec, name.strip(), "target")
+    m = spec.modality(name)
+    base = dict(cfg.text) if m.kind == "sequence" else dict(cfg.grid)
+    for o in opts:
+        k, sep, v = o.partition("=")
+        if not sep or k not in base:
+            raise app.UsageError(f"--targets {item!r}: option {o!r} is not key=value with key in "
+                                 f"{sorted(base)}")
+        base[k] = type(base[k])(v) if not isinstance(base[k], bool) else v.lower() in ("1", "true")
+    fields = {f.name for f in dataclasses.fields(Target)}
+    kw = {k: v for k, v in base.items() if k in fields}
+    kw["top_p"] = None if float(base["top_p"]) == 1.0 else float(base["top_p"])
+    if m.kind == "sequence":
+        kw["max_new_tokens"] = int(base["max_new_tokens"]) or None
+    return Target(name, **kw)
+
+
+# ------------------------------------------------------------------------------------------
+# Outputs
+# ------------------------------------------------------------------------------------------
+def picture(mod, native, tokens, rgb=None, text: str | None = None, res: int = 64):
+    """A uint8 RGB picture of a generated (or given) modality, or None for plain text."""
+    import numpy as np
+
+    from fourm.data import visualize as vis
+    from fourm.tokenizers import structure
+
+    if mod.source == "boxes" and text is not None:
+        base = rgb if rgb is not None else np.full((res, res, 3), 255, np.uint8)
+        boxes = structure.text_to_boxes(text, base.shape[:2], strict=False)
+        return vis.draw_boxes(base, boxes, labels=True)
+    if mod.kind == "sequence":
+        return None
+    if native is None:  # no tokenizer: show the token ids with a palette
+        return vis.colorize_semseg(np.asarray(tokens))
+    return {"depth": vis.colorize_depth, "normals": vis.colorize_normals,
+            "semseg": vis.colorize_semseg}.get(mod.source, vis.to_rgb)(native)
+
+
+def condition_picture(mod, value, b: int, res: int):
+    """(picture or None, text or None) of a given condition for sample b."""
+    import numpy as np
+
+    from fourm.data import visualize as vis
+
+    if isinstance(value, str):
+        return None, value
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+        return None, value[min(b, len(value) - 1)]
+    arr = np.asarray(getattr(value, "value", value))
+    if mod.kind == "sequence":
+        return None, None
+    batched = arr.ndim == (4 if (mod.kind == "pixels" or mod.source == "normals") else 3)
+    arr = arr[min(b, arr.shape[0] - 1)] if batched else arr
+    if mod.kind == "pixels" or mod.source == "rgb" and arr.ndim == 3:
+        return vis.to_rgb(arr), None
+    if np.issubdtype(arr.dtype, np.integer) and arr.shape[:2] == tuple(mod.grid):
+        return vis.colorize_semseg(arr), None  # token ids
+    return picture(mod, arr, None, res=res), None
+
+
+def _main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from fourm.generate.chain import Generator
+
+    cfg = _CONFIG.value
+    if not FLAGS.checkpoint:
+        raise app.UsageError("--checkpoint is required")
+    if not FLAGS.targets:
+        raise app.UsageError("--targets is required (e.g. --targets depth,caption)")
+    model = load_model(FLAGS.checkpoint)
+    spec = model.spec
+    gen = Generator(model, load_tokenizers(FLAGS.tokenizers), resize=cfg.resize, loop=cfg.loop,
+                    kv_cache=cfg.kv_cache)
+    res = next((m.grid[0] * m.patch_size for m in spec.modalities if m.kind == "pixels"), 64)
+    conditions = {}
+    for item in FLAGS.cond:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise app.UsageError(f"--cond {item!r}: expected NAME=VALUE")
+        name = resolve_name(spec, key.strip(), "condition")
+        conditions[name] = read_condition(spec.modality(name), value, res)
+    targets = [parse_target(spec, t, cfg) for t in FLAGS.targets]
+    seed = cfg.seed if FLAGS.seed is None else FLAGS.seed
+    batch = FLAGS.batch or cfg.batch
+    out = gen.generate(conditions, targets, seed=seed, batch_size=batch)
+    write_outputs(Path(FLAGS.out or cfg.out), gen, conditions, targets, out, res)
+    for n in out.notices:
+        print(f"notice: {n}")
+    for k, s in out.seconds.items():
+        print(f"{k}: {s:.2f} s")
+
+
+def write_outputs(root: Path, gen, conditions, targets, out, res: int) -> None:
+    import numpy as np
+
+    from fourm.data import visualize as vis
+    from fourm.data.folder import atomic_write_bytes
+
+    spec = gen.spec
+    root.mkdir(parents=True, exist_ok=True)
+    batch = next(iter(out.tokens.values())).shape[0]
+    rgb_cond = next((np.asarray(v) for k, v in conditions.items() if spec.modality(k).kind == "pixels"
+                     and not isinstance(v, str)), None)
+    rows, captions, titles = [], [], None
+    for b in range(batch):
+        cells, names, texts = [], [], []
+        for k, v in conditions.items():
+            pic, text = condition_picture(spec.modality(k), v, b, res)
+            if pic is not None:
+                cells.append(pic)
+                names.append(f"{k} (given)")
+            if text is not None:
+                texts.append(f"{k} (given): {text}")
+        rgb = rgb_cond[b] if rgb_cond is not None and rgb_cond.ndim == 4 else rgb_cond
+        for t in targets:
+            m = spec.modality(t.name)
+            text = out.text.get(t.name, [None] * batch)[b]
+            native = out.decoded.get(t.name)
+            pic = picture(m, None if native is None else native[b], out.tokens[t.name][b], rgb, text, res)
+            stem = f"{b:03d}_{t.name.replace('@', '_')}"
+            if pic is not None:
+                vis.save_png(root / f"{stem}.png", pic)
+                cells.append(pic)
+                names.append(t.name)
+            if text is not None:
+                atomic_write_bytes(root / f"{stem}.txt", (text + "\n").encode("utf-8"))
+                texts.append(f"{t.name}: {text}")
+        rows.append(cells)
+        captions.append(" | ".join(texts))
+        titles = titles or names
+    if any(rows):
+        vis.save_png(root / "grid.png", vis.make_grid(rows, captions=captions, col_titles=titles))
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in out.tokens.items()})
+    atomic_write_bytes(root / "tokens.npz", buf.getvalue())
+    meta = {"targets": [dataclasses.asdict(t) | {"commit_step": None, "guidance": t.guidance}
+                        for t in targets],
+            "conditions": sorted(conditions), "notices": out.notices, "seconds": out.seconds,
+            "text": out.text}
+    atomic_write_bytes(root / "generation.json", json.dumps(meta, indent=1, default=str).encode())
+    print(f"wrote {root} ({len(targets)} targets x {batch} samples, grid.png)")
+
+
+# ------------------------------------------------------------------------------------------
+# fourm-generate-eval
+# ------------------------------------------------------------------------------------------
+def _eval_main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from fourm.generate.chain import Generator, Target
+    from fourm.generate.evaluate import evaluate_scenes, format_figures
+
+    cfg = _CONFIG.value
+    if not FLAGS.checkpoint:
+        raise app.UsageError("--checkpoint is required")
+    e = cfg.eval
+    gen = Generator(load_model(FLAGS.checkpoint), load_tokenizers(FLAGS.tokenizers), loop=cfg.loop)
+    grid = parse_target(gen.spec, f"tok_depth@{e.resolution}", cfg) if \
+        f"tok_depth@{e.resolution}" in gen.spec.names else Target("?")
+    grid = dataclasses.replace(grid, temperature=float(e.grid_temperature))
+    cap = Target("caption", temperature=float(e.text_temperature),
+                 max_new_tokens=int(cfg.text.max_new_tokens) or None)
+    fig = evaluate_scenes(gen, seed=cfg.seed if FLAGS.seed is None else FLAGS.seed, start=e.start,
+                          num=e.num, resolution=e.resolution, batch_size=e.batch_size,
+                          train_scenes=e.train_scenes, grid_target=grid, caption_target=cap,
+                          workers=cfg.num_workers)
+    print(format_figures(fig))
+    out = Path(FLAGS.out or cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from fourm.data.folder import atomic_write_bytes
+
+    atomic_write_bytes(out / "eval.json", json.dumps(fig, indent=1, default=float).encode())
+
+
+def main():
+    app.run(_main)
+
+
+def eval_main():
+    app.run(_eval_main)
+
+
+if __name__ == "__main__":
+    main()

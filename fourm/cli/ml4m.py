@@ -1,0 +1,65 @@
+"""fourm-ml4m: official 4M checkpoints -> fourm, and parity checks against 4M fixtures.
+
+    fourm-ml4m convert SRC_DIR OUT_DIR     # 4M's config.json + model.safetensors -> fourm checkpoint
+    fourm-ml4m check FIXTURE_DIR           # forward parity (and generation, when available)
+
+`check` prints one table row per compared array (max |diff| for floats, mismatch counts for
+integers) and exits 0 only if everything matches (floats within --tol absolute, integers exactly,
+argmax wherever 4M's top-2 margin exceeds our logit error). Run-time options of the loaded model
+come from --config (default: configs/model.py), e.g. --config.model.head_impl=dense.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from fourm.config import define_config_flag
+
+_CONFIG = define_config_flag("model")
+flags.DEFINE_float("tol", 1e-4, "check: absolute tolerance for float arrays")
+FLAGS = flags.FLAGS
+
+USAGE = "usage: fourm-ml4m convert SRC_DIR OUT_DIR | fourm-ml4m check FIXTURE_DIR"
+RUNTIME_KEYS = ("dtype", "remat", "scan_layers", "attention_impl", "head_impl", "head_chunk")
+
+
+def run(args: list[str], runtime: dict | None = None, tol: float = 1e-4) -> int:
+    """The command without absl (tests call this). Returns the exit status."""
+    from fourm.compat import ml4m, ml4m_check
+    from fourm.model.pretrained import CheckpointError
+
+    runtime = dict(runtime or {})
+    try:
+        if len(args) == 3 and args[0] == "convert":
+            out = ml4m.convert(args[1], args[2])
+            print(f"wrote fourm checkpoint {out} (load with fourm.model.pretrained.load_pretrained)")
+            return 0
+        if len(args) == 2 and args[0] == "check":
+            rows = ml4m_check.run_check(args[1], tol=tol, **runtime)
+            print(ml4m_check.format_table(rows))
+            ok = ml4m_check.passed(rows)
+            failed = [r.name for r in rows if r.ok is False]
+            print(f"\n{'PASS' if ok else 'FAIL'}: {sum(r.ok is True for r in rows)} matched, "
+                  f"{len(failed)} failed, {sum(r.ok is None for r in rows)} skipped"
+                  + (f" ({', '.join(failed)})" if failed else ""))
+            return 0 if ok else 1
+    except (CheckpointError, ml4m_check.FixtureError, KeyError) as e:
+        print(f"fourm-ml4m: error: {e}", file=sys.stderr)
+        return 2
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+def main(argv=None):
+    def _main(argv):
+        cfg = _CONFIG.value
+        runtime = {k: cfg.model[k] for k in RUNTIME_KEYS if "model" in cfg and k in cfg.model}
+        return run(list(argv[1:]), runtime, FLAGS.tol)
+
+    app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

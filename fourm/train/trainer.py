@@ -1,0 +1,403 @@
+"""fourm pretraining, as one story: config -> mesh -> grain pipeline -> sharded, jitted update step
+-> orbax checkpoints -> evals -> the loop. Read `train()` top to bottom; helpers sit above it.
+
+Guarantees (each one tested):
+* Bad configs fail before any compute, with the field and the expected value named.
+* Exact resume: a run killed (even with SIGKILL) and restarted gives bitwise the same losses and
+  parameters as an uninterrupted one: the state is saved whole, the data order and masks are a
+  pure function of (seed, global example index), and grain's iterator position is checkpointed.
+* SIGTERM (preemption) saves at the next step boundary and returns normally (exit status 0).
+* A multi-process run computes on the same global batches as a one-process run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fourm import config as config_lib
+from fourm import modalities as modreg
+from fourm.masking import GrainMasking, MaskingTransform
+from fourm.train import checkpointing, input_pipeline, metrics as metrics_lib, step as step_lib
+from fourm.train.mesh import describe as describe_mesh, make_mesh
+from fourm.train.checkpointing import CheckpointMismatchError  # noqa: F401 (re-exported)
+from fourm.train.optimizer import make_optimizer
+
+log = logging.getLogger("fourm.train")
+
+
+class ConfigError(ValueError):
+    """The config cannot run on these devices / this data. Raised before any compute."""
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN/Inf in the loss or gradients (names the step and the modalities involved)."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # last completed step
+    preempted: bool
+    last_metrics: dict
+    workdir: str
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks that need the data manifest and the mesh, but no compute.
+# ------------------------------------------------------------------------------------------------
+def check_batch(config, mesh, process_count: int | None = None) -> None:
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    pc = jax.process_count() if process_count is None else process_count
+    b, a = int(config.batch_size), int(config.grad_accum)
+    if a < 1 or b % a:
+        raise ConfigError(f"config.batch_size={b} is not divisible by config.grad_accum={a}")
+    if (b // a) % dp:
+        raise ConfigError(
+            f"config.batch_size={b} (per micro-batch {b // a}) is not divisible by the data-parallel "
+            f"size {dp} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); use a multiple of {dp}")
+    if b % pc:
+        raise ConfigError(f"config.batch_size={b} is not divisible by the {pc} processes")
+
+
+def check_manifest(config, manifest: dict, data_dir: str) -> None:
+    """Modalities present, tokenizer versions agree, vocabularies agree (or are taken from it).
+
+    Mutates `config.model.vocab_overrides` when `config.data.vocab_from_manifest`."""
+    have = manifest.get("modalities", {})
+    wanted = list(config.model.modalities)
+    missing = [m for m in wanted if m not in have]
+    if missing:
+        raise ConfigError(f"config.model.modalities names {missing}, which the data manifest "
+                          f"{data_dir}/manifest.json does not have (it has {sorted(have)})")
+    for name, expected in dict(config.data.tokenizers).items():
+        if name not in have:
+            raise ConfigError(f"config.data.tokenizers names {name!r}, absent from the manifest")
+        tok = have[name].get("tokenizer", {})
+        got = {str(tok.get("version", "")), str(tok.get("config_hash", ""))}
+        if str(expected) not in got:
+            raise ConfigError(
+                f"tokenizer of {name!r}: config.data.tokenizers expects {expected!r}, but the shards "
+                f"in {data_dir} were made with version {tok.get('version')!r} / config hash "
+                f"{tok.get('config_hash')!r}; re-run pretokenize or fix the config")
+    family = config.model.get("family", "fourm")
+    for name in wanted:
+        vocab = have[name].get("vocab_size")
+        if vocab is None:  # pixels
+            continue
+        current = config.model.vocab_overrides.get(name, modreg.get(name, family).vocab_size)
+        if int(vocab) == int(current):
+            continue
+        if config.data.vocab_from_manifest:
+            config.model.vocab_overrides[name] = int(vocab)
+        else:
+            raise ConfigError(f"vocabulary of {name!r}: the model has {current}, the shards' tokenizer "
+                              f"{vocab}; set config.model.vocab_overrides.{name}={vocab} or "
+                              f"config.data.vocab_from_manifest=True")
+
+
+class SelectModalities:
+    """Record bytes -> {modality: array} for the configured modalities only (picklable)."""
+
+    def __init__(self, names):
+        self.names = list(names)
+
+    def __call__(self, data):
+        from fourm.tokenizers.pretokenize import decode_record
+        rec = decode_record(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+        return {n: rec[n] for n in self.names}
+
+
+# ------------------------------------------------------------------------------------------------
+# Model: the real fourm encoder-decoder.
+# ------------------------------------------------------------------------------------------------
+def build_model(model_cfg, seed: int) -> nnx.Module:
+    from fourm import model
+    return model.build_model(model_cfg, seed=seed)
+
+
+def model_loss_fn():
+    from fourm.model import loss_fn
+    return loss_fn
+
+
+def _broadcast_prefix(prefix, full):
+    """Expand a sharding tree that is a prefix of `full` (e.g. one sharding per nnx.Variable)."""
+    return jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), prefix, full,
+                        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
+def state_shardings(abstract_state, mesh, tx):
+    """Shardings of the whole train state: params by the model's logical-axis rules, optimizer
+    moments like their params, everything else replicated."""
+    from fourm.model.sharding import param_shardings
+
+    replicated = NamedSharding(mesh, P())
+    params = _broadcast_prefix(param_shardings(abstract_state["params"], mesh), abstract_state["params"])
+    rest = _broadcast_prefix(param_shardings(abstract_state["rest"], mesh), abstract_state["rest"])
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt"], params,
+                                transform_non_params=lambda _: replicated)
+    return {"params": params, "rest": rest, "opt": opt, "step": replicated}
+
+
+def with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def abstract_train_state(config, tx):
+    """(graphdef, abstract train state, init_fn): shapes only, nothing is allocated."""
+    seed = int(config.seed)
+
+    def init_fn():
+        return step_lib.init_state(build_model(config.model, seed), tx)[1]
+
+    # No mesh in context here: parameters carry logical axis names and are placed by the caller.
+    graphdef, _, _ = step_lib.split_model(nnx.eval_shape(lambda: build_model(config.model, seed)))
+    return graphdef, jax.eval_shape(init_fn), init_fn
+
+
+def jit_steps(config, graphdef, tx, schedule, abstract_state, state_sh, batch_sh, mesh):
+    """The jitted (train_step, eval_step) with explicit shardings; the train step donates the state."""
+    replicated = NamedSharding(mesh, P())
+    groups = step_lib.modality_groups(abstract_state["params"], list(config.model.modalities))
+    loss_fn = model_loss_fn()
+    train_step = jax.jit(
+        step_lib.make_train_step(graphdef, loss_fn, tx, schedule, grad_accum=config.grad_accum,
+                                 groups=groups),
+        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+        donate_argnums=(0,))  # the old state's buffers become the new state's: half the memory
+    eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn),
+                        in_shardings=(state_sh, batch_sh), out_shardings=replicated)
+    return train_step, eval_step
+
+
+def nonfinite_report(step: int, m: dict) -> str:
+    """Name the culprit: modalities whose own loss is non-finite; failing that, the modalities
+    whose parameters got non-finite gradients (a NaN loss poisons every gradient, so the loss
+    is the sharper witness)."""
+    bad_loss = sorted(k.split("/", 1)[1] for k, v in m.items()
+                      if k.startswith("loss/") and not np.isfinite(v))
+    bad_grad = sorted(k.split("/", 1)[1] for k, v in m.items() if k.startswith("nonfinite/") and v > 0)
+    mods = bad_loss or [g for g in bad_grad if g != "shared"] or bad_grad or ["(unknown)"]
+    return (f"non-finite loss or gradients at step {step}: modalities {mods} (loss {m.get('loss')}; "
+            f"non-finite modality losses: {bad_loss or 'none'}; non-finite gradients in: "
+            f"{bad_grad or 'none'})")
+
+
+def export_model(graphdef, state, config, directory: Path) -> None:
+    """The trained model as a fourm checkpoint (config.json + model.safetensors) for generation:
+    `fourm.model.load_pretrained(directory)`. Process 0 writes; parameters are gathered first."""
+    from fourm.model.pretrained import save_pretrained
+
+    params, rest = state["params"], state["rest"]
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        params, rest = multihost_utils.process_allgather((params, rest), tiled=True)
+    else:
+        params, rest = jax.device_get((params, rest))
+    if jax.process_index() == 0:
+        save_pretrained(nnx.merge(graphdef, params, rest), config, directory)
+        log.info("exported the model to %s", directory)
+
+
+class PreemptionWatch:
+    """SIGTERM -> stop at the next step boundary. Multi-process runs agree on the step through
+    JAX's preemption sync point (its coordination service catches the signal on every host)."""
+
+    def __init__(self):
+        self.requested = False
+        self._multi = jax.process_count() > 1
+        if not self._multi:
+            self._old = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if self._multi:
+            from jax.experimental import multihost_utils
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # preemption service disabled
+                return False
+        return self.requested
+
+    def close(self):
+        if not self._multi:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+# ------------------------------------------------------------------------------------------------
+# The story.
+# ------------------------------------------------------------------------------------------------
+def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> TrainResult:
+    config = ml_collections.ConfigDict(config.to_dict())  # private copy: we resolve fields in it
+    workdir = Path(workdir or config.workdir).absolute()
+
+    # ---------------------------------------------------------------- logging
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+    writer = metrics_lib.MetricWriter(workdir)
+    log.info("workdir %s, process %d of %d", workdir, jax.process_index(), jax.process_count())
+
+    # ---------------------------------------------------------------- mesh
+    try:
+        mesh = make_mesh(config.mesh)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from None
+    check_batch(config, mesh)
+    log.info("mesh %s", describe_mesh(mesh))
+
+    # ---------------------------------------------------------------- input
+    from fourm.tokenizers.pretokenize import open_shards
+    if not config.data.dir:
+        raise ConfigError("config.data.dir is empty: point it at pre-tokenized shards "
+                          "(a fourm pretokenize output folder)")
+    source, manifest = open_shards(config.data.dir)
+    check_manifest(config, manifest, config.data.dir)
+    modalities = modreg.resolve(config.model.modalities, config.model.get("family", "fourm"),
+                                dict(config.model.vocab_overrides))
+    masking = MaskingTransform.from_config(config.masking, modalities)
+    batch_spec = masking.output_spec()
+    tokens_per_example = masking.input_budget + masking.target_budget
+
+    # Each process loads exactly the rows of every global batch that its devices hold.
+    example = {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in batch_spec.items()}
+    batch_sh = input_pipeline.batch_shardings(mesh, example)
+    row_offset, _ = input_pipeline.process_rows(batch_sh["enc_ids"], config.batch_size)
+
+    def make_dataset(src, seed, start_step=0):
+        return input_pipeline.build_dataset(
+            src, transform=GrainMasking(masking), decode=SelectModalities(config.model.modalities),
+            seed=seed, global_batch=config.batch_size, row_offset=row_offset, start_step=start_step)
+
+    def make_iterator(start_step=0):
+        return input_pipeline.to_iterator(
+            make_dataset(source, config.seed, start_step), num_workers=config.data.num_workers,
+            num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+
+    def to_device(local_batch):
+        return input_pipeline.global_batch_array(local_batch, batch_sh, row_offset)
+
+    data_iter = make_iterator()
+
+    # ---------------------------------------------------------------- model
+    tx, schedule = make_optimizer(config.optim, config.num_train_steps)
+    graphdef, abstract_state, init_fn = abstract_train_state(config, tx)
+
+    # ---------------------------------------------------------------- sharding
+    state_sh = state_shardings(abstract_state, mesh, tx)
+    abstract_state = with_shardings(abstract_state, state_sh)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
+    log.info("model: %.2fM parameters, %d modalities", num_params / 1e6, len(modalities))
+
+    # ---------------------------------------------------------------- update step
+    train_step, eval_step = jit_steps(config, graphdef, tx, schedule, abstract_state, state_sh,
+                                      batch_sh, mesh)
+
+    # ---------------------------------------------------------------- checkpoint
+    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                      async_save=config.async_checkpoint)
+    config_json = json.loads(config_lib.to_json(config))
+    restored = ckpt.restore_latest(abstract_state, data_iter)
+    if restored is not None:
+        state, start = restored.state, restored.step
+        if not restored.data_restored:
+            data_iter = make_iterator(start_step=start)
+        log.info("resumed from step %d (%s)", start, ckpt.directory / str(start))
+    else:
+        state = jax.jit(init_fn, out_shardings=state_sh)()
+        start = 0
+        if is_main:
+            config_lib_path = workdir / "config.json"
+            tmp = config_lib_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(config_json, indent=2, sort_keys=True))
+            os.replace(tmp, config_lib_path)
+
+    # ---------------------------------------------------------------- evals
+    eval_batches = []
+    if config.eval_every > 0 and config.eval_batches > 0:
+        eval_src = open_shards(config.data.eval_dir)[0] if config.data.eval_dir else source
+        eval_ds = make_dataset(eval_src, config.seed + 1)
+        eval_batches = [eval_ds[i] for i in range(config.eval_batches)]
+
+    def run_eval(state) -> dict:
+        with jax.set_mesh(mesh):
+            outs = [eval_step(state, to_device(b)) for b in eval_batches]
+        outs = jax.device_get(outs)
+        return {k: float(np.mean([o[k] for o in outs])) for k in outs[0]}
+
+    # ---------------------------------------------------------------- loop
+    total = int(config.num_train_steps)
+    preempt = PreemptionWatch()
+    progress = metrics_lib.Progress(start, total, config.batch_size * tokens_per_example)
+    pending: tuple[int, Any] | None = None
+    last: dict = {}
+    skipped = 0
+
+    def finish_step(step: int, dev_metrics) -> dict:
+        """Host side of a step, run one step late so the device is never idle waiting for it."""
+        nonlocal skipped
+        m = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
+        if m["finite"] < 1:
+            if config.nonfinite != "skip":
+                raise NonFiniteError(nonfinite_report(step, m))
+            skipped += 1
+            log.warning("skipped update: %s", nonfinite_report(step, m))
+        progress.update(step, m["loss"])
+        if step % config.log_every == 0 or step == total:
+            writer.write(step, {**m, "skipped_steps": skipped})
+        return m
+
+    step = last_saved = start
+    preempted = False
+    try:
+        while step < total:
+            if preempt.reached(step):
+                log.warning("SIGTERM: saving step %d and exiting", step)
+                if step != last_saved:
+                    ckpt.save(step, state, data_iter, config_json, force=True)
+                preempted = True
+                break
+            batch = to_device(next(data_iter))
+            with jax.set_mesh(mesh):
+                state, dev_metrics = train_step(state, batch)
+            step += 1
+            if pending is not None:
+                last = finish_step(*pending)
+            pending = (step, dev_metrics)
+            if step % config.ckpt_every == 0 or step == total:
+                # Returns once the arrays are on host; the files are written in the background.
+                ckpt.save(step, state, data_iter, config_json)
+                last_saved = step
+            if eval_batches and (step % config.eval_every == 0 or step == total):
+                writer.write(step, run_eval(state), split="eval")
+            if step == config.debug_signal_at_step:  # tests: a preemption / crash right here
+                os.kill(os.getpid(), getattr(signal, config.debug_signal))
+        if pending is not None:
+            last = finish_step(*pending)
+        if step == total and not preempted:
+            export_model(graphdef, state, config, workdir / "export")
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        if hasattr(data_iter, "close"):  # stops grain's worker processes, frees shared memory
+            data_iter.close()
+        progress.close()
+        writer.close()
+        preempt.close()
+    return TrainResult(step=step, preempted=preempted, last_metrics=last, workdir=str(workdir))

@@ -1,0 +1,188 @@
+"""End-to-end trainer on pre-tokenized scene shards, 8 simulated devices, the real fourm model.
+
+One straight run (module fixture) is the reference for: the loss falling, metrics files, evals,
+exact resume after SIGTERM + SIGKILL (subprocesses), and the model-shape check on its checkpoint.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fourm.bench.shards import make_scene_shards
+from fourm.config import load_config
+from fourm.train import metrics, trainer
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8
+# Same config for every run here (the debug signal fields do not change the compiled program).
+OVERRIDES = [f"num_train_steps={STEPS}", "ckpt_every=4", "log_every=1", "eval_every=8",
+             "eval_batches=1", "keep_checkpoints=5"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    make_scene_shards(out, num_scenes=128, shard_size=32)
+    return out
+
+
+def smoke_config(shards, extra=()):
+    return load_config("pretrain:smoke", [f"data.dir={shards}", *OVERRIDES, *extra])
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    """A persistent compilation cache shared by this module's subprocesses: the train step is
+    compiled once, by the straight run, and reused by the resumed runs (same program)."""
+    d = tmp_path_factory.mktemp("jax_cache")
+    return {"JAX_COMPILATION_CACHE_DIR": str(d), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+@pytest.fixture(scope="module")
+def straight(shards, tmp_path_factory, jax_cache):
+    workdir = tmp_path_factory.mktemp("straight")
+    p = cli(shards, workdir, env=jax_cache)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"done at step {STEPS}" in p.stdout
+    return workdir
+
+
+def losses(workdir) -> dict[int, float]:
+    """Train loss per step; a resumed run re-logs steps, the last record of a step wins."""
+    return {r["step"]: r["loss"] for r in metrics.read_jsonl(Path(workdir) / "metrics.jsonl")}
+
+
+def final_params(workdir, step=STEPS):
+    mgr = ocp.CheckpointManager(Path(workdir) / "checkpoints",
+                                item_handlers={"state": ocp.StandardCheckpointHandler()})
+    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mgr.close()
+    return state["params"]
+
+
+def cli(shards, workdir, *extra, env=None):
+    cmd = [sys.executable, "-m", "fourm.cli.train", "--config", "configs/pretrain.py:smoke",
+           f"--config.data.dir={shards}", "--workdir", str(workdir),
+           *[f"--config.{o}" for o in OVERRIDES], *extra]
+    return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_loss_falls_and_metrics_are_written(straight):
+    workdir = straight
+    loss = losses(workdir)
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    assert loss[STEPS] < loss[1] - 0.5, loss  # clearly below the initial loss
+    rows = metrics.read_jsonl(workdir / "metrics.jsonl", split="eval")
+    assert rows and rows[-1]["step"] == STEPS
+    for mod in ("tok_rgb@64", "tok_depth@64", "caption"):  # per-modality loss and accuracy
+        assert np.isfinite(rows[-1][f"loss/{mod}"]) and 0 <= rows[-1][f"acc/{mod}"] <= 1
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    assert json.loads((workdir / "config.json").read_text())["model"]["vocab_overrides"] == {
+        "tok_rgb@64": 64, "tok_depth@64": 32}  # taken from the manifest
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
+    # The final model is exported for generation, with the trained weights.
+    from fourm.model.pretrained import load_pretrained
+    from flax import nnx
+    model = load_pretrained(workdir / "export")
+    exported = nnx.state(model, nnx.Param)
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(final_params(workdir))):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_exact_resume_after_sigterm_and_sigkill(straight, shards, tmp_path, jax_cache):
+    """Preempted at 3 (SIGTERM: save, exit 0), killed at 6 (SIGKILL), resumed to the end: every
+    loss and the final parameters are bitwise those of the straight run."""
+    ref_dir, cache = straight, jax_cache
+    workdir = tmp_path / "resumed"
+    p = cli(shards, workdir, "--config.debug_signal_at_step=3", "--config.debug_signal=SIGTERM", env=cache)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "preempted, checkpoint saved at step 3" in p.stdout
+    assert (workdir / "checkpoints" / "3").is_dir()
+    p = cli(shards, workdir, "--config.debug_signal_at_step=6", "--config.debug_signal=SIGKILL", env=cache)
+    assert p.returncode == -9, p.stderr[-3000:]
+    assert "resumed from step 3" in p.stderr
+    p = cli(shards, workdir, env=cache)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # The newest checkpoint complete before the kill: 4, or 3 when the kill interrupted the
+    # asynchronous save of step 4 (then reported as partial and ignored).
+    assert "resumed from step 4" in p.stderr or (
+        "resumed from step 3" in p.stderr and "partial checkpoint" in p.stderr), p.stderr[-3000:]
+    assert losses(workdir) == losses(ref_dir)
+    ref, got = final_params(ref_dir), final_params(workdir)
+    assert jax.tree.structure(ref) == jax.tree.structure(got)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_of_another_model_shape_fails_before_compute(straight, shards):
+    workdir = straight
+    with pytest.raises(trainer.CheckpointMismatchError, match="different model/optimizer shape"):
+        trainer.train(smoke_config(shards, ["model.dim=96"]), str(workdir))
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["mesh.data=3"], "config.mesh: .*multiply to 3, but there are 8 devices"),
+    (["batch_size=12"], "batch_size=12 .* not divisible by the data-parallel size 8"),
+    (["batch_size=16", "grad_accum=4"], r"per micro-batch 4\) is not divisible"),
+    (['model.modalities=["rgb@64","tok_rgb@64","tok_normal@64"]'],
+     r"names \['tok_normal@64'\], which the data manifest"),
+    (["data.dir="], "config.data.dir is empty"),
+])
+def test_bad_configs_fail_before_compute(shards, tmp_path, extra, match):
+    with pytest.raises(trainer.ConfigError, match=match):
+        trainer.train(smoke_config(shards, extra), str(tmp_path))
+
+
+def test_tokenizer_version_must_match_manifest(shards, tmp_path):
+    cfg = smoke_config(shards)
+    cfg.data.tokenizers["tok_rgb@64"] = "patchquant-0"
+    with pytest.raises(trainer.ConfigError, match="made with version 'patchquant-1'"):
+        trainer.train(cfg, str(tmp_path))
+    cfg.data.tokenizers["tok_rgb@64"] = "patchquant-1"
+    cfg.data.vocab_from_manifest = False
+    with pytest.raises(trainer.ConfigError, match="vocabulary of 'tok_rgb@64': the model has 1024"):
+        trainer.train(cfg, str(tmp_path))
+
+
+def _poisoned_loss(monkeypatch, modality):
+    """The real loss, with one modality's loss turned NaN (as a numerics bug would)."""
+    real = trainer.model_loss_fn()
+
+    def loss_fn(model, batch):
+        loss, m = real(model, batch)
+        bad = m[f"loss/{modality}"] * jnp.nan
+        m = {**m, f"loss/{modality}": bad}
+        return loss + bad, m
+
+    monkeypatch.setattr(trainer, "model_loss_fn", lambda: loss_fn)
+
+
+TINY = ["model.dim=32", "model.encoder_depth=1", "model.decoder_depth=1",
+        'model.modalities=["tok_rgb@64","tok_depth@64"]', "eval_every=0", "num_train_steps=3",
+        "ckpt_every=100"]
+
+
+def test_nonfinite_stops_with_step_and_modality(shards, tmp_path, monkeypatch):
+    _poisoned_loss(monkeypatch, "tok_depth@64")
+    with pytest.raises(trainer.NonFiniteError, match=r"at step 1: modalities \['tok_depth@64'\]"):
+        trainer.train(smoke_config(shards, TINY), str(tmp_path))
+
+
+def test_nonfinite_skip_leaves_parameters_untouched(shards, tmp_path, monkeypatch):
+    _poisoned_loss(monkeypatch, "tok_rgb@64")
+    result = trainer.train(smoke_config(shards, [*TINY, "nonfinite=skip", "ckpt_every=1"]), str(tmp_path))
+    assert result.step == 3 and result.last_metrics["finite"] == 0
+    rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+    assert rows[-1]["skipped_steps"] == 3
+    for a, b in zip(jax.tree.leaves(final_params(tmp_path, 1)), jax.tree.leaves(final_params(tmp_path, 3))):
+        np.testing.assert_array_equal(a, b)
