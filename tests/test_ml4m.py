@@ -34,7 +34,7 @@ def tensors():
 
 
 def test_forward_parity_with_4m(model):
-    rows = ml4m_check.run_check(FIXTURE, model=model)
+    rows = ml4m_check.run_check(FIXTURE, model=model, compiler_options=FAST_COMPILE, sections=["forward"])
     failed = [(r.name, r.value, r.note) for r in rows if r.ok is False]
     assert not failed, failed
     checked = {r.name: r for r in rows if r.ok}
@@ -48,7 +48,7 @@ def test_forward_parity_with_4m(model):
 
 def _jitted(model, fn):
     graphdef, state = nnx.split(model)
-    f = jax.jit(lambda st, *a: fn(nnx.merge(graphdef, st), *a))
+    f = jax.jit(lambda st, *a: fn(nnx.merge(graphdef, st), *a), compiler_options=FAST_COMPILE)
     return lambda *a: f(state, *a)
 
 
@@ -67,7 +67,8 @@ def test_generation_replay_through_decoder_api(model):
         valid = np.zeros((1, size), bool)
         mod[0, :n], pos[0, :n], valid[0, :n] = rgb, np.arange(n), True
         k = np.flatnonzero(dep_known)
-        ids[0, n:n + len(k)], mod[0, n:n + len(k)], pos[0, n:n + len(k)], valid[0, n:n + len(k)] = dep_tokens[k], dep, k, True
+        sl = slice(n, n + len(k))
+        ids[0, sl], mod[0, sl], pos[0, sl], valid[0, sl] = dep_tokens[k], dep, k, True
         for j, t in enumerate(cap_ids):
             ids[0, 2 * n + j], mod[0, 2 * n + j], valid[0, 2 * n + j] = t, cap, True
         return dict(enc_ids=jnp.asarray(ids), enc_mod=jnp.asarray(mod), enc_pos=jnp.asarray(pos),

@@ -23,9 +23,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import jax
 import numpy as np
 from flax import nnx
 

@@ -13,6 +13,7 @@ built-in "forward" section with the same loaded model (`ctx.model`). The generat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -50,6 +51,7 @@ class CheckContext:
     model: Any
     spec: ModelSpec
     tol: float = FLOAT_TOL
+    compiler_options: dict | None = None  # XLA options for the jitted comparisons (tests: fast compile)
     extras: dict = dataclasses.field(default_factory=dict)
 
 
@@ -194,11 +196,11 @@ def _check_decoder_attention(m, arrays, b, tm, source) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward(model, batch):
+def _forward(model, batch, compiler_options=None):
     """Everything the forward comparison needs, in one jitted call."""
     spec = model.spec
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def run(batch):
         enc = model.encode(batch)
         y = model.decode(enc, batch)
@@ -218,14 +220,15 @@ def _scatter(values, src, length, fill, dtype):
     return out
 
 
-def compute_fourm_outputs(model, arrays, expected: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def compute_fourm_outputs(model, arrays, expected: Mapping[str, np.ndarray],
+                          compiler_options: dict | None = None) -> dict[str, np.ndarray]:
     """fourm's versions of expected.npz's arrays (same keys, shapes, conventions).
 
     `expected` supplies the output lengths per modality and the `logits_sample_pos` rows."""
     expected_shapes = {k: np.shape(v) for k, v in expected.items()}
     spec = model.spec
     batch, layout = ml4m_batch_to_fourm(arrays, spec)
-    feats, y, nll, loss, metrics, logits = _forward(model, batch)
+    feats, y, nll, loss, metrics, logits = _forward(model, batch, compiler_options)
     res: dict[str, np.ndarray] = {"loss": np.float32(loss)}
     res["num_valid_encoder_tokens"] = batch["enc_valid"].sum(1).astype(np.int64)
     res["num_valid_decoder_tokens"] = batch["dec_valid"].sum(1).astype(np.int64)
@@ -284,7 +287,7 @@ def compare(name: str, ours: np.ndarray | None, ref: np.ndarray, tol: float, sec
 def forward_section(ctx: CheckContext) -> list[Row]:
     arrays = _load_npz(ctx.fixture / "batch.npz")
     expected = _load_npz(ctx.fixture / "expected.npz")
-    ours = compute_fourm_outputs(ctx.model, arrays, expected)
+    ours = compute_fourm_outputs(ctx.model, arrays, expected, ctx.compiler_options)
     ctx.extras["forward"] = ours
     # Our logit error, measured where full logits are known: argmax may differ below it.
     logit_err = max([float(np.max(np.abs(ours[k] - expected[k]))) for k in expected
@@ -314,9 +317,11 @@ def _generation_placeholder(ctx: CheckContext) -> list[Row]:
                 "not checked: fourm.compat.ml4m_generation is not installed")]
 
 
-def run_check(fixture: str | Path, tol: float = FLOAT_TOL, model=None, **runtime) -> list[Row]:
+def run_check(fixture: str | Path, tol: float = FLOAT_TOL, model=None, compiler_options: dict | None = None,
+              sections: list[str] | None = None, **runtime) -> list[Row]:
     """Load the fixture's checkpoint through the converter (unless `model` is given: one already
-    loaded with `fourm.compat.ml4m.load(fixture)`) and run every registered section."""
+    loaded with `fourm.compat.ml4m.load(fixture)`) and run the registered sections (all, or the
+    names in `sections`)."""
     fixture = Path(fixture)
     if not fixture.is_dir():
         raise FixtureError(f"{fixture}: no such fixture folder")
@@ -327,10 +332,15 @@ def run_check(fixture: str | Path, tol: float = FLOAT_TOL, model=None, **runtime
             raise
         register_section("generation", _generation_placeholder)
     model = model if model is not None else ml4m.load(fixture, **runtime)
-    ctx = CheckContext(fixture, model, model.spec, tol)
+    ctx = CheckContext(fixture, model, model.spec, tol, compiler_options)
     rows: list[Row] = []
-    for _, fn in _SECTIONS:
-        rows.extend(fn(ctx))
+    known = [n for n, _ in _SECTIONS]
+    unknown = sorted(set(sections or ()) - set(known))
+    if unknown:
+        raise FixtureError(f"unknown check sections {unknown}; known: {known}")
+    for name, fn in _SECTIONS:
+        if sections is None or name in sections:
+            rows.extend(fn(ctx))
     return rows
 
 

@@ -29,7 +29,8 @@ def ml4m_config(spec) -> dict:
         raise ValueError("4M's FM builds untied output heads; a model with tie_output_embeddings cannot export")
     default_hidden = int(2 * int(spec.dim * 4.0) / 3) if spec.gated_mlp else int(spec.dim * 4.0)
     if spec.mlp_hidden != default_hidden:
-        raise ValueError(f"mlp_hidden={spec.mlp_hidden} is not 4M's rule for dim {spec.dim} (would be {default_hidden})")
+        raise ValueError(f"mlp_hidden={spec.mlp_hidden} is not 4M's rule for dim {spec.dim} "
+                         f"(would be {default_hidden})")
     return dict(act_layer=_ACTS[spec.act], decoder_causal_mask=spec.decoder_causal, decoder_depth=spec.decoder_depth,
                 decoder_sep_mask=True, dim=spec.dim, domains_in=list(spec.domains_in),
                 domains_out=list(spec.domains_out), drop_path_rate_decoder=0.0, drop_path_rate_encoder=0.0,

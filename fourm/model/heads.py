@@ -26,6 +26,7 @@ device); head weights enter replicated and their gradients are summed over the b
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -165,8 +166,8 @@ def own_vocab_nll(h: jax.Array, head_ids: jax.Array, targets: jax.Array, weights
 
     mesh = current_mesh()
     axes = tuple(a for a in BATCH_AXES if mesh is not None and a in mesh.shape and mesh.shape[a] > 1)
-    if not axes:
-        return local(h, head_ids, targets, weights)
+    if not axes or h.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return local(h, head_ids, targets, weights)  # single device, or a batch the mesh can't split
     spec = P(axes)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P()),
                          out_specs=(spec, spec), check_vma=False)(h, head_ids, targets, tuple(weights))

@@ -65,11 +65,13 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 
 
-def attention_impl(spec_impl: str, dtype) -> str:
-    """cuDNN flash attention on GPUs for half precision, XLA elsewhere (the only CPU choice)."""
+def attention_impl(spec_impl: str, dtype, head_dim: int) -> str:
+    """cuDNN flash attention on GPUs for half precision and head dims it supports (multiples of 8
+    up to 128), XLA elsewhere (the only CPU choice). An explicit config value always wins."""
     if spec_impl:
         return spec_impl
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128):
         return "cudnn"
     return "xla"
 
@@ -197,7 +199,7 @@ def attend(q, k, v, mask, impl: str, dtype) -> jax.Array:
     """
     q = constrain(q, ("batch", "seq", "act_heads", None))
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5,
-                                        implementation=attention_impl(impl, dtype))
+                                        implementation=attention_impl(impl, dtype, q.shape[-1]))
 
 
 class Mlp(nnx.Module):

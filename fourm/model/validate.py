@@ -34,7 +34,8 @@ def validate_batch(spec: ModelSpec, batch: Mapping[str, Any]) -> None:
     if stray:
         raise BatchError(f"batch has pixel inputs {stray} for modalities the model does not take as "
                          f"pixel inputs; model inputs: {list(spec.domains_in)}")
-    for side, allowed, id_keys in (("enc", spec.inputs, ("enc_ids",)), ("dec", spec.targets, ("dec_ids", "dec_targets"))):
+    sides = (("enc", spec.inputs, ("enc_ids",)), ("dec", spec.targets, ("dec_ids", "dec_targets")))
+    for side, allowed, id_keys in sides:
         mod = np.asarray(batch[f"{side}_mod"])
         pos = np.asarray(batch[f"{side}_pos"])
         valid = np.asarray(batch[f"{side}_valid"]).astype(bool)

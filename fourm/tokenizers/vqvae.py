@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from fourm.tokenizers.quantizers import QuantizerOutput, make_quantizer
