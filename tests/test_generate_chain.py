@@ -18,6 +18,8 @@ from fourm.generate.chain import GenerationInputError, Generator, Partial, Targe
 from fourm.generate.inputs import TextIds, prepare_pixels
 
 MODS = ["rgb@64", "tok_depth@64", "caption"]
+# Tests compile many small programs; XLA's optimisation passes would dominate their run time.
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 B = 2
 
 
@@ -60,7 +62,7 @@ CAPTION = Target("caption", max_new_tokens=6, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def scan_run(model, image):
-    gen = Generator(model, loop="scan")
+    gen = Generator(model, loop="scan", compiler_options=FAST)
     return gen, gen.generate({"rgb@64": image}, [DEPTH, CAPTION], seed=3, return_trace=True)
 
 
@@ -82,22 +84,22 @@ def test_chain_shapes_determinism_and_schedule(model, image, scan_run):
 
 def test_unrolled_equals_scan_and_kv_cache_equals_no_cache(model, image, scan_run):
     _, ref = scan_run
-    fast = Generator(model, loop="unrolled")
+    fast = Generator(model, loop="unrolled", compiler_options=FAST)
     out = fast.generate({"rgb@64": image}, [DEPTH], seed=3, return_trace=True)
     np.testing.assert_array_equal(out.tokens["tok_depth@64"], ref.tokens["tok_depth@64"])
     np.testing.assert_allclose(out.trace["tok_depth@64"]["step_logp"],
                                ref.trace["tok_depth@64"]["step_logp"], atol=1e-4)
-    slow = Generator(model, loop="scan", kv_cache=False)
+    slow = Generator(model, loop="scan", kv_cache=False, compiler_options=FAST)
     cond = {"rgb@64": image, "tok_depth@64": ref.tokens["tok_depth@64"]}
     a = slow.generate(cond, [CAPTION], seed=3)
-    b = Generator(model, loop="scan").generate(cond, [CAPTION], seed=3)
+    b = Generator(model, loop="scan", compiler_options=FAST).generate(cond, [CAPTION], seed=3)
     np.testing.assert_array_equal(a.trace["caption"]["generated"], b.trace["caption"]["generated"])
     np.testing.assert_array_equal(a.trace["caption"]["generated"], ref.trace["caption"]["generated"])
     np.testing.assert_allclose(a.trace["caption"]["step_logp"], b.trace["caption"]["step_logp"], atol=1e-4)
 
 
 def test_guidance_groups_on_the_model(model, image):
-    gen = Generator(model, loop="scan")
+    gen = Generator(model, loop="scan", compiler_options=FAST)
     greedy = dataclasses.replace(DEPTH, temperature=0.0)  # temperatures are data: no recompile
     plain = gen.generate({"rgb@64": image}, [greedy]).tokens["tok_depth@64"]
     uncond = gen.generate({}, [greedy], batch_size=B).tokens["tok_depth@64"]
@@ -111,7 +113,7 @@ def test_guidance_groups_on_the_model(model, image):
 
 
 def test_partly_given_targets_keep_their_tokens(model, image):
-    gen = Generator(model, loop="scan")
+    gen = Generator(model, loop="scan", compiler_options=FAST)
     given = np.arange(64, dtype=np.int32).reshape(8, 8) % 64
     known = np.zeros((8, 8), bool)
     known[:3] = True
@@ -174,14 +176,15 @@ def test_ml4m_generation_parity(shared_dir):
     from fourm.compat import ml4m
     from fourm.compat.ml4m_generation import check_generation, format_report
 
-    report = check_generation(ml4m.load(fixture), fixture, loop="scan")
+    report = check_generation(ml4m.load(fixture), fixture, loop="scan", compiler_options=FAST)
     assert report["ok"], format_report(report)
     assert report["depth_maskgit8"]["num_predictions"] == 882
     assert report["caption_ar"]["num_generated"] == 20
 
 
 def test_generate_function_api(model, image, scan_run):
-    out = chain.generate(model, {"rgb@64": image}, [DEPTH], loop="scan", seed=3)
+    out = chain.generate(model, {"rgb@64": image}, [DEPTH], loop="scan", seed=3,
+                         compiler_options=FAST)
     _, ref = scan_run
     np.testing.assert_array_equal(out.tokens["tok_depth@64"], ref.tokens["tok_depth@64"])
     assert out.notices == []

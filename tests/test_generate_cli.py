@@ -11,7 +11,7 @@ from PIL import Image
 
 from fourm.generate.chain import GenerationInputError, Generator, Target
 from fourm.generate import evaluate as ev
-from test_generate_chain import CAPTION, DEPTH, small_model
+from test_generate_chain import CAPTION, DEPTH, FAST, small_model
 
 CORPUS = ["A small red cube stands to the left of a large blue sphere.",
           "Two green cylinders and one yellow cone on a grey floor.",
@@ -52,7 +52,7 @@ def test_cli_pieces_write_pictures_text_and_grid(files):
     assert (cap.name, cap.max_new_tokens, cap.temperature) == ("caption", 6, 0.0)
     with pytest.raises(Exception, match="not key=value"):
         cli.parse_target(spec, "depth:bogus=1", cfg)
-    gen = Generator(model, toks, loop="scan")
+    gen = Generator(model, toks, loop="scan", compiler_options=FAST)
     out = gen.generate(cond, [t, cap], seed=0, batch_size=2)
     assert len(out.text["caption"]) == 2 and all(s.startswith("a red cube") for s in out.text["caption"])
     cli.write_outputs(files / "out", gen, cond, [t, cap], out, 64)
@@ -94,7 +94,8 @@ def test_scene_evaluation_figures(files):
     from fourm.tokenizers.text import TextTokenizer
 
     gen = Generator(small_model(), {"tok_depth@64": PatchDepthTokenizer(),
-                                    "text": TextTokenizer.load(files / "toks" / "text")}, loop="scan")
+                                    "text": TextTokenizer.load(files / "toks" / "text")}, loop="scan",
+                    compiler_options=FAST)
     fig = ev.evaluate_scenes(gen, seed=0, start=1_000_000, num=4, batch_size=2, train_scenes=12,
                              grid_target=DEPTH, caption_target=CAPTION, progress=False)
     for k in ("depth_rmse", "depth_rmse_mean_map_baseline", "depth_rmse_tokenizer_roundtrip",

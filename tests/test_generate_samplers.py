@@ -18,6 +18,7 @@ from fourm.generate import maskgit, schedules
 from fourm.generate.sampling import Filter, filter_logits, guide, sample_tokens
 
 B, N, V = 3, 24, 13
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 # --------------------------------------------------------------------------- schedules
@@ -78,7 +79,7 @@ def fake_grid_model(seed=0, groups=0):
 _FAKE = fake_grid_model()
 
 
-@functools.partial(jax.jit, static_argnames=("scheme",))
+@functools.partial(jax.jit, static_argnames=("scheme",), compiler_options=FAST)
 def _decode_jit(tokens, known, rng, counts, temps, commit_step, scheme):
     # One compiled sampler per (scheme, forced order or not, number of steps), shared by tests.
     return maskgit.iterative_decode(_FAKE, tokens, known, rng, counts, temps, scheme=scheme,
@@ -117,7 +118,8 @@ def test_unrolled_exact_shapes_equal_scan(scheme):
     counts = schedules.cosine_schedule(4, N - 4)
     ref = _decode(scheme, counts, np.full(4, 2.0, np.float32), known=known, seed=9)
     unrolled = jax.jit(lambda t, k, r, te: maskgit.iterative_decode(
-        _FAKE, t, k, r, counts, te, scheme=scheme, return_trace=True, num_known=4))
+        _FAKE, t, k, r, counts, te, scheme=scheme, return_trace=True, num_known=4),
+        compiler_options=FAST)
     got = unrolled(np.where(known, 7, 0), known, jax.random.PRNGKey(9), np.full(4, 2.0, np.float32))
     np.testing.assert_array_equal(got.tokens, ref.tokens)  # same noise per (sample, position)
     np.testing.assert_array_equal(got.decode_step, ref.decode_step)
@@ -289,7 +291,8 @@ def test_kv_cache_equals_no_cache(temp, groups):
     run = lambda s, c: ar.autoregressive_decode(  # noqa: E731
         s, c, jnp.full((B,), 5), jax.random.PRNGKey(3), max_new_tokens=T,
         temperatures=temp, guidance=g)
-    a, b = jax.jit(run, static_argnums=0)(step, cache), jax.jit(run, static_argnums=0)(nc_step, nc_cache)
+    fast = functools.partial(jax.jit, static_argnums=0, compiler_options=FAST)
+    a, b = fast(run)(step, cache), fast(run)(nc_step, nc_cache)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logp, b.logp, atol=1e-5)
 

@@ -15,12 +15,18 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_list("resolutions", ["64", "224"], "image sides to measure")
-flags.DEFINE_list("workers", ["1", "2"], "worker process counts to measure")
-flags.DEFINE_integer("num", 1000, "scenes per measurement at 64 px (scaled by (64/R)^2 for larger R, min 40)")
-flags.DEFINE_integer("seed", 0, "dataset seed")
-flags.DEFINE_boolean("write", False, "also measure writing the aligned folder")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    # Defined only when run as a script: importing this module (tests, fourm-bench) must not
+    # register flags whose names (num, seed) other commands own.
+    flags.DEFINE_list("resolutions", ["64", "224"], "image sides to measure")
+    flags.DEFINE_list("workers", ["1", "2"], "worker process counts to measure")
+    flags.DEFINE_integer("num", 1000, "scenes per measurement at 64 px (scaled by (64/R)^2 for "
+                         "larger R, min 40)")
+    flags.DEFINE_integer("seed", 0, "dataset seed")
+    flags.DEFINE_boolean("write", False, "also measure writing the aligned folder")
 
 
 def measure(resolution: int, workers: int, num: int, seed: int = 0, write: bool = False) -> float:
@@ -69,4 +75,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -326,7 +326,7 @@ def _eval_main(argv):
     if not FLAGS.checkpoint:
         raise app.UsageError("--checkpoint is required")
     e = cfg.eval
-    gen = Generator(load_model(FLAGS.checkpoint), load_tokenizers(FLAGS.tokenizers), loop=cfg.loop)
+    gen = Generator(load_model(FLAGS.checkpoint), load_tokenizers(FLAGS.tokenizers), loop=e.loop)
     grid = parse_target(gen.spec, f"tok_depth@{e.resolution}", cfg) if \
         f"tok_depth@{e.resolution}" in gen.spec.names else Target("?")
     grid = dataclasses.replace(grid, temperature=float(e.grid_temperature))

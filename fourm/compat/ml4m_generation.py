@@ -54,7 +54,8 @@ def _targets(runs: dict, g: dict[str, np.ndarray]):
     return out
 
 
-def check_generation(model, fixture_dir: str | Path, *, loop: str = "auto") -> dict[str, Any]:
+def check_generation(model, fixture_dir: str | Path, *, loop: str = "auto",
+                     compiler_options: dict | None = None) -> dict[str, Any]:
     """Run the fixture's generation runs on a converted 4M model (a `FourM` with the fixture's
     modalities) and compare. Returns {run: {...figures...}, "ok": bool}."""
     from fourm.generate.chain import Generator, Normalised, TextIds
@@ -63,7 +64,8 @@ def check_generation(model, fixture_dir: str | Path, *, loop: str = "auto") -> d
     g, runs = _load(fixture_dir)
     cond = {"rgb@224": Normalised(np.transpose(g["cond/rgb@224/tensor"], (0, 2, 3, 1)))}
     # 4M's text layout: [S_i] = 4 + i, 200 sentinels, EOS = 3.
-    gen = Generator(model, loop=loop, text_ids=TextIds(num_sentinels=200))
+    gen = Generator(model, loop=loop, text_ids=TextIds(num_sentinels=200),
+                    compiler_options=compiler_options)
     report: dict[str, Any] = {}
     for key, target in _targets(runs, g).items():
         out = gen.generate(cond, [target], seed=0, return_trace=True)
@@ -138,7 +140,8 @@ def generation_section(ctx) -> list:
         return []
     # One compiled step body per run (lax.scan); the unrolled loop gives the same results and is
     # checked against the scan in tests/test_generate_chain.py.
-    report = check_generation(ctx.model, ctx.fixture, loop="scan")
+    report = check_generation(ctx.model, ctx.fixture, loop="scan",
+                              compiler_options=getattr(ctx, "compiler_options", None))
     ctx.extras["generation"] = report
     rows = []
     for key in RUNS:

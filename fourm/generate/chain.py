@@ -86,9 +86,6 @@ class Generation:
 # ------------------------------------------------------------------------------------------
 # Jitted stages. graphdef and settings are static; weights and arrays are traced.
 # ------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=(
-    "graphdef", "name", "scheme", "flt", "choice_temperature", "return_trace", "groups",
-    "static_counts", "num_known"))
 def _grid_stage(graphdef, state, cond, tokens, known, rng, counts, temps, guidance, commit_step,
                 *, name, scheme, flt, choice_temperature, return_trace, groups, static_counts,
                 num_known):
@@ -104,8 +101,6 @@ def _grid_stage(graphdef, state, cond, tokens, known, rng, counts, temps, guidan
         return_trace=return_trace, num_known=num_known)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "graphdef", "name", "max_new", "stop_ids", "pad_id", "flt", "groups", "use_cache"))
 def _seq_stage(graphdef, state, cond, tgt_ids, tgt_known, start, rng, temps, guidance, *, name,
                max_new, stop_ids, pad_id, flt, groups, use_cache):
     model = nnx.merge(graphdef, state)
@@ -129,6 +124,19 @@ def _seq_stage(graphdef, state, cond, tgt_ids, tgt_known, start, rng, temps, gui
                                     stop_ids=stop_ids, pad_id=pad_id, flt=flt)
 
 
+_STATIC = {
+    _grid_stage: ("graphdef", "name", "scheme", "flt", "choice_temperature", "return_trace",
+                  "groups", "static_counts", "num_known"),
+    _seq_stage: ("graphdef", "name", "max_new", "stop_ids", "pad_id", "flt", "groups", "use_cache"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn, compiler_options: tuple = ()):
+    """The jitted stage; one per set of XLA compiler options (e.g. tests' fast compilation)."""
+    return jax.jit(fn, static_argnames=_STATIC[fn], compiler_options=dict(compiler_options) or None)
+
+
 # ------------------------------------------------------------------------------------------
 # The generator
 # ------------------------------------------------------------------------------------------
@@ -140,16 +148,20 @@ class Generator:
     loop: "auto" (exact shapes per MaskGIT/ROAR step when every sample has the same number of
       known tokens; else a lax.scan), "scan" or "unrolled". kv_cache: False re-runs the decoder
       per token (the reference algorithm; for checks). text_ids: reserved text ids when no
-      text tokenizer is given (4M's checkpoints: TextIds(num_sentinels=200)).
+      text tokenizer is given (4M's checkpoints: TextIds(num_sentinels=200)). compiler_options:
+      XLA options for the stages (e.g. {"xla_backend_optimization_level": 0} to compile fast).
     """
 
     def __init__(self, model, tokenizers: Mapping[str, Any] | None = None, *, resize: bool = True,
-                 loop: str = "auto", kv_cache: bool = True, text_ids: TextIds | None = None):
+                 loop: str = "auto", kv_cache: bool = True, text_ids: TextIds | None = None,
+                 compiler_options: Mapping[str, Any] | None = None):
         if loop not in ("auto", "scan", "unrolled"):
             raise ValueError(f"loop must be auto, scan or unrolled, got {loop!r}")
         self.model, self.spec = model, model.spec
         self.graphdef, self.state = nnx.split(model)
         self.resize, self.loop, self.kv_cache = resize, loop, kv_cache
+        opts = tuple(sorted((compiler_options or {}).items()))
+        self._grid_fn, self._seq_fn = _jitted(_grid_stage, opts), _jitted(_seq_stage, opts)
         self.image_tokenizers, self.text_tokenizer = {}, None
         for key, tok in dict(tokenizers or {}).items():
             if hasattr(tok, "sentinel_id") or hasattr(tok, "eos_id"):
@@ -279,7 +291,7 @@ class Generator:
         if unrolled and not same:
             raise GenerationInputError("loop='unrolled' needs the same number of known tokens and "
                                        "the same schedule for every sample")
-        res = _grid_stage(
+        res = self._grid_fn(
             self.graphdef, self.state, cond, tokens, known, key, counts, temps, guidance, commit,
             name=t.name, scheme=scheme, flt=t.filter(), choice_temperature=float(t.choice_temperature),
             return_trace=return_trace, groups=len(removed),
@@ -320,7 +332,7 @@ class Generator:
         guidance = schedules.guidance_schedule(weights, max_new, t.guidance_schedule) if len(weights) \
             else np.zeros((max_new, 0), np.float32)
         cond = condition_slots(self.spec, states, cond_names, removed, batch)
-        res = _seq_stage(self.graphdef, self.state, cond, own.ids, own.known, start, key, temps,
+        res = self._seq_fn(self.graphdef, self.state, cond, own.ids, own.known, start, key, temps,
                          guidance, name=t.name, max_new=max_new, stop_ids=stop_ids, pad_id=ids.pad,
                          flt=t.filter(), groups=len(removed), use_cache=self.kv_cache)
         gen = np.asarray(res.tokens)
@@ -378,5 +390,6 @@ def check_tokenizers(spec, image_tokenizers: Mapping[str, Any], text_tokenizer) 
 def generate(model, conditions: Mapping[str, Any], targets: Sequence[Target | str], *,
              tokenizers: Mapping[str, Any] | None = None, seed: int = 0, **kw) -> Generation:
     """One-shot `Generator(model, tokenizers).generate(conditions, targets, seed=seed, ...)`."""
-    gen_kw = {k: kw.pop(k) for k in ("resize", "loop", "kv_cache") if k in kw}
+    gen_kw = {k: kw.pop(k) for k in ("resize", "loop", "kv_cache", "text_ids", "compiler_options")
+              if k in kw}
     return Generator(model, tokenizers, **gen_kw).generate(conditions, targets, seed=seed, **kw)
