@@ -25,17 +25,23 @@ from absl import app, flags
 
 from fourm.model.synthetic import synthetic_batch
 
-flags.DEFINE_list("sizes", ["tiny", "base"], "model sizes")
-flags.DEFINE_integer("batch", 8, "batch size")
-flags.DEFINE_integer("input_tokens", 128, "encoder slots per sample")
-flags.DEFINE_integer("target_tokens", 128, "decoder slots per sample")
-flags.DEFINE_integer("iters", 5, "timed iterations (after one warm-up)")
-flags.DEFINE_string("dtype", "float32", "compute dtype")
-flags.DEFINE_string("head_impl", "chunked", "chunked | dense")
-flags.DEFINE_integer("head_chunk", 128, "chunk size of the chunked head")
-flags.DEFINE_boolean("scan_layers", True, "scan over layers (False: unrolled)")
-flags.DEFINE_string("remat", "none", "remat policy")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    # Only when run as a script: importing this module (e.g. for synthetic_batch) must not
+    # register flags whose names other commands own.
+    flags.DEFINE_list("sizes", ["tiny", "base"], "model sizes")
+    flags.DEFINE_integer("batch", 8, "batch size")
+    flags.DEFINE_integer("input_tokens", 128, "encoder slots per sample")
+    flags.DEFINE_integer("target_tokens", 128, "decoder slots per sample")
+    flags.DEFINE_integer("iters", 5, "timed iterations (after one warm-up)")
+    flags.DEFINE_string("dtype", "float32", "compute dtype")
+    flags.DEFINE_string("head_impl", "chunked", "chunked | dense")
+    flags.DEFINE_integer("head_chunk", 128, "chunk size of the chunked head")
+    flags.DEFINE_boolean("scan_layers", True, "scan over layers (False: unrolled)")
+    flags.DEFINE_string("remat", "none", "remat policy")
+
 
 MODALITIES = ["rgb@224", "tok_rgb@224", "tok_depth@224", "caption"]
 REFERENCE = {"tiny": (0.48, 1.52), "base": (2.9, 9.1)}  # PyTorch ml-4m, seconds per step
@@ -127,4 +133,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -17,8 +17,6 @@ from absl import app, flags
 
 from fourm.config import define_config_flag
 
-_CONFIG = define_config_flag("model")
-flags.DEFINE_float("tol", 1e-4, "check: absolute tolerance for float arrays")
 FLAGS = flags.FLAGS
 
 USAGE = "usage: fourm-ml4m convert SRC_DIR OUT_DIR | fourm-ml4m check FIXTURE_DIR"
@@ -52,9 +50,19 @@ def run(args: list[str], runtime: dict | None = None, tol: float = 1e-4) -> int:
     return 2
 
 
+def _define_flags():
+    # At run time, not import time: tests import `run` alongside other commands' modules, and
+    # absl flags (e.g. --config) may only be defined once per process.
+    config = define_config_flag("model")
+    flags.DEFINE_float("tol", 1e-4, "check: absolute tolerance for float arrays")
+    return config
+
+
 def main(argv=None):
+    config_flag = _define_flags()
+
     def _main(argv):
-        cfg = _CONFIG.value
+        cfg = config_flag.value
         runtime = {k: cfg.model[k] for k in RUNTIME_KEYS if "model" in cfg and k in cfg.model}
         return run(list(argv[1:]), runtime, FLAGS.tol)
 
