@@ -100,6 +100,11 @@ def define_config_flag(default: str, help_text: str = "ml-collections config fil
     from absl import flags
     from ml_collections.config_flags import config_flags
 
+    if "config" in flags.FLAGS:
+        # A command that uses another command's module as a library (the quickstart imports the
+        # text-tokenizer corpus): one --config flag per process, the first command's.
+        return flags.FlagHolder(flags.FLAGS, flags.FLAGS["config"])
+
     class _Parser(config_flags.ConfigFileFlagParser):
         def parse(self, value):
             path, arg = resolve_config_path(value)
