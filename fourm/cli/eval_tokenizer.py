@@ -14,7 +14,6 @@ Held-out data: the run's `data` section (scenes from a disjoint index range; an 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -79,17 +78,10 @@ def _main(argv):
         print(f"wrote {out}")
 
 
-def _main_clean_errors(argv):
-    try:
-        _main(argv)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-        # Bad input (config, checkpoint, artifact): the message says what and where; no traceback.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 def main():
-    app.run(_main_clean_errors)
+    from fourm.cli import run_with_clean_errors
+
+    run_with_clean_errors(_main)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ reconstruction) and eval_step*.json (held-out metrics at the end).
 
 from __future__ import annotations
 
-import sys
 from absl import app, flags, logging
 
 from fourm.config import REPO_ROOT, define_config_flag
@@ -35,17 +34,10 @@ def _main(argv):
     print(f"run directory: {result['workdir']}")
 
 
-def _main_clean_errors(argv):
-    try:
-        _main(argv)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-        # Bad input (config, checkpoint, artifact): the message says what and where; no traceback.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 def main():
-    app.run(_main_clean_errors)
+    from fourm.cli import run_with_clean_errors
+
+    run_with_clean_errors(_main)
 
 
 if __name__ == "__main__":
