@@ -9,12 +9,13 @@ DONE.json exists is skipped; an unfinished one is re-entered, and the stages und
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
 import ml_collections
+
+from fourm.io import atomic_write_json
 
 IMAGE_TOKENIZERS = {  # scene field -> (recipe, modality of the tokens)
     "rgb": ("rgb", "tok_rgb@64"),
@@ -26,10 +27,7 @@ MODALITIES = ["rgb@64", "tok_rgb@64", "tok_depth@64", "tok_normal@64", "tok_sems
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, default=float)
 
 
 def stage_dir(cfg, name: str) -> Path:
@@ -78,6 +76,8 @@ def _tokenizer_config(cfg, recipe: str, out: Path):
     tc.data.eval_start, tc.data.eval_num = int(cfg.heldout_start), int(cfg.heldout_scenes)
     tc.data.cache_dir = str(Path(cfg.workdir) / "cache")
     tc.num_workers = cfg.num_workers
+    # The recipes warm up over 100 of their 1500 steps; keep that fraction for shorter runs.
+    tc.train.warmup_steps = min(int(tc.train.warmup_steps), max(1, int(cfg.tokenizer_steps) // 15))
     return tc
 
 

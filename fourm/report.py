@@ -6,6 +6,7 @@ Only Pillow and numpy: a report must render on any machine that ran the pipeline
 from __future__ import annotations
 
 import html
+import io
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from fourm.io import atomic_write
 
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
             (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -86,12 +89,9 @@ def plot_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
 
 
 def _save(img: Image.Image, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return atomic_write(path, buf.getvalue())
 
 
 def table_html(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:
@@ -123,11 +123,7 @@ def write_report(path, title: str, sections: Sequence[tuple[str, str]]) -> Path:
     for heading, inner in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>\n{inner}\n")
     parts.append("</body></html>\n")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, "".join(parts))
 
 
 def img_html(src: str, caption: str = "") -> str:

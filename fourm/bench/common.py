@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from fourm.io import atomic_write
+
 SCHEMA = "fourm-bench/1"  # of the JSON files --json writes and --compare reads
 
 
@@ -271,10 +273,7 @@ def write_json(path: str | Path, results: Sequence[Result], meta: Mapping[str, A
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = json.dumps(dict(schema=SCHEMA, meta=dict(meta), results=[r.to_dict() for r in results]),
                       indent=2, default=str)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(blob + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, blob + "\n")
 
 
 def read_json(path: str | Path) -> tuple[dict, list[Result]]:

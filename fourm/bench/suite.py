@@ -39,6 +39,7 @@ from typing import Callable
 
 import numpy as np
 
+from fourm.io import atomic_write
 from fourm.bench.common import (Result, children_peak_rss_bytes, device_peak_bytes, peak_rss_bytes,
                                 reset_peak_rss, time_calls)
 
@@ -461,9 +462,7 @@ def _worker(argv) -> int:
     cfg_path, name, out_path = argv
     c = ml_collections.ConfigDict(json.loads(Path(cfg_path).read_text()))
     results = run_group(name, c)
-    tmp = Path(out_path).with_suffix(".tmp")
-    tmp.write_text(json.dumps([r.to_dict() for r in results], default=str))
-    os.replace(tmp, out_path)
+    atomic_write(out_path, json.dumps([r.to_dict() for r in results], default=str))
     return 0
 
 

@@ -13,12 +13,12 @@ chip (and whether it fits the chip's HBM), FLOPs per step and the collective ops
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from absl import app, flags
 
 from fourm.config import define_config_flag
+from fourm.io import atomic_write_json
 
 _CONFIG = define_config_flag("pretrain:base")
 _TOPOLOGY = flags.DEFINE_list("topology", ["v5p-128"], "TPU slice(s), comma separated")
@@ -39,10 +39,7 @@ def _main(argv):
         reports.append(dict(dataclasses.asdict(report), peak_bytes=report.peak_bytes,
                             hbm_bytes=topo.hbm_bytes, fits=report.fits(topo.hbm_bytes)))
     if _JSON.value:
-        tmp = _JSON.value + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(reports, f, indent=2)
-        os.replace(tmp, _JSON.value)
+        atomic_write_json(_JSON.value, reports, sort_keys=False)
     if not fits_all:
         raise SystemExit(1)
 

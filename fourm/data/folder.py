@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from fourm.io import atomic_write
 
 FORMAT_NAME = "fourm.aligned_folder"
 FORMAT_VERSION = 1
@@ -103,14 +104,7 @@ def decode_depth_png16(u16: np.ndarray, scale: float) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a hidden temporary file and rename, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+atomic_write_bytes = atomic_write  # the data modules' name for fourm.io.atomic_write
 
 
 def png_bytes(arr: np.ndarray) -> bytes:

@@ -9,10 +9,11 @@ the cache is written atomically and read back with `allow_pickle=False`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from fourm.io import atomic_save_npy
 
 IMAGE_FIELDS = ("rgb", "depth", "normals", "semseg")
 
@@ -61,7 +62,7 @@ def scene_arrays(seed: int, start: int, num: int, resolution: int, *, cache_dir:
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         for f, arr in stacked.items():
-            _atomic_save(cache / f"{f}.npy", arr)
+            atomic_save_npy(cache / f"{f}.npy", arr)
     return {f: stacked[f] for f in fields}
 
 
@@ -80,11 +81,7 @@ def _stack_fields(samples, num: int) -> dict[str, np.ndarray]:
     return items
 
 
-def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-    os.replace(tmp, path)
+
 
 
 def folder_arrays(root: str, field: str, start: int, num: int) -> np.ndarray:

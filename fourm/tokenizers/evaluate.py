@@ -11,12 +11,10 @@ and for every tokenizer: codebook usage (% of codes used over the held-out set) 
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 
 import numpy as np
 
+from fourm.io import atomic_write_json
 from fourm.tokenizers.image import ImageTokenizer
 
 # Targets of the quickstart (64 px, 8x8 tokens, scene data); `fourm-eval-tokenizer` marks them.
@@ -117,7 +115,4 @@ def format_report(m: dict) -> str:
 
 
 def write_report(m: dict, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(m, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_json(path, m)

@@ -34,6 +34,7 @@ from safetensors.numpy import load as _st_load, save as _st_save
 from tqdm import tqdm
 
 from fourm import modalities as registry
+from fourm.io import atomic_write
 from fourm.tokenizers import structure
 
 FORMAT = "fourm.pretokenized/1"
@@ -146,13 +147,6 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------ tokenizing
@@ -292,7 +286,7 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
             p.unlink(missing_ok=True)
     for p in work.glob(".*.tmp-*"):  # leftovers of a killed run
         p.unlink()
-    _atomic_write_text(run_file, json.dumps(dict(run, fingerprint=fingerprint), indent=2, default=str))
+    atomic_write(run_file, json.dumps(dict(run, fingerprint=fingerprint), indent=2, default=str))
 
     todo = []
     for k in range(num_shards):
@@ -339,7 +333,7 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                 n: dict(max=max(v, default=0), sum=sum(v),
                         over_max_length=sum(x > specs[n]["max_length"] for x in v))
                 for n, v in lengths.items()})
-            _atomic_write_text(work / f"{path.name}.json", json.dumps(stats))
+            atomic_write(work / f"{path.name}.json", json.dumps(stats))
             os.replace(tmp, path)  # the shard becomes visible only when complete
     finally:
         bar.close()
@@ -370,7 +364,7 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                     benchmark=dict(samples=processed, seconds=round(seconds, 3),
                                    samples_per_second=round(rate, 2), workers=workers,
                                    batch_size=batch_size))
-    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest
 
 

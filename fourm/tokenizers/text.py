@@ -33,6 +33,8 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
 
+from fourm.io import atomic_write
+
 VERSION = "fourm.text/1"
 MODEL_FILE = "text.model"
 SIDECAR_FILE = "text.json"
@@ -118,13 +120,7 @@ _SPECIAL_RE = re.compile(
     r"(?<![^ ])(\[S_(?:0|[1-9]\d*)\]|v[0-3]=(?:0|[1-9]\d*)|\[SOS\]|\[EOS\]|\[UNK\])(?![^ ])")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
 
 
 class TextTokenizer:
@@ -265,7 +261,7 @@ class TextTokenizer:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         proto = self._sp.serialized_model_proto()
-        _atomic_write(out / MODEL_FILE, proto)
+        atomic_write(out / MODEL_FILE, proto)
         meta = dict(self._meta, version=VERSION, config_hash=self.config_hash,
                     vocab_size=self.vocab_size, model_sha256=hashlib.sha256(proto).hexdigest(),
                     layout=dict(pad=PAD_ID, unk=UNK_ID, sos=SOS_ID, eos=EOS_ID,
@@ -274,7 +270,7 @@ class TextTokenizer:
                                 first_learned=self.layout.first_learned_id),
                     sentencepiece_version=spm.__version__)
         # The sidecar goes last: a directory with a sidecar has a complete model next to it.
-        _atomic_write(out / SIDECAR_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(out / SIDECAR_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         return out
 
     @classmethod

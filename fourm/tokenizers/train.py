@@ -12,7 +12,6 @@ sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from fourm.config import to_json
+from fourm.io import atomic_write
 from fourm.tokenizers import data as tok_data
 from fourm.tokenizers.image import (FORMAT_VERSION, WEIGHTS, ImageTokenizer, build_model,
                                     check_same_tokenizer, config_hash)
@@ -37,10 +37,6 @@ from fourm.tokenizers.recipes import tokenizer_section
 # ---------------------------------------------------------------------------------------------
 # Workdir: the resolved config, and a guard against resuming with a contradicting config
 # ---------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def prepare_workdir(cfg, workdir: Path) -> None:
@@ -50,11 +46,11 @@ def prepare_workdir(cfg, workdir: Path) -> None:
         stored = json.loads(tok_file.read_text())
         check_same_tokenizer(stored["tokenizer_config"], cfg, f"the run in {workdir}")
     elif jax.process_index() == 0:
-        _atomic_write(tok_file, json.dumps({
+        atomic_write(tok_file, json.dumps({
             "format_version": FORMAT_VERSION, "config_hash": config_hash(cfg),
             "tokenizer_config": tokenizer_section(cfg)}, indent=2, sort_keys=True))
     if jax.process_index() == 0:
-        _atomic_write(workdir / "config.json", to_json(cfg))
+        atomic_write(workdir / "config.json", to_json(cfg))
 
 
 def load_workdir_config(workdir: Path) -> ml_collections.ConfigDict:
@@ -310,4 +306,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-    _atomic_write(path, "".join(ln + "\n" for ln in keep))
+    atomic_write(path, "".join(ln + "\n" for ln in keep))
