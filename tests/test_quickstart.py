@@ -1,14 +1,37 @@
-"""The quickstart's smoke profile end to end: every stage runs, the report is written, and a
-second run skips every stage (the cache)."""
+"""The quickstart's smoke profile end to end: every stage runs, the report is written, a second run
+skips every stage (the cache), and the notebooks in notebooks/ run top to bottom on its artifacts."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import nbformat
 import pytest
 
+from fourm.config import REPO_ROOT
 from fourm.quickstart import STAGES
+
+NOTEBOOKS = {  # notebook -> the least number of pictures (image/png outputs) it must show
+    "tokenizers.ipynb": 8,  # input | tokens | reconstruction and a usage histogram per image tokenizer
+    "generation.ipynb": 3,  # rgb -> depth -> normals -> caption, caption -> rgb, guidance sweep
+}
+
+
+def _execute_notebook(path: Path, env: dict) -> nbformat.NotebookNode:
+    """Run every cell in a fresh kernel ("python3", i.e. this interpreter); a cell error raises
+    nbclient's CellExecutionError with the cell's traceback."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute(env=env)
+    return nb
+
+
+def _outputs(nb: nbformat.NotebookNode) -> list:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
 
 
 @pytest.mark.slow
@@ -36,3 +59,42 @@ def test_quickstart_smoke_runs_and_caches(tmp_path):
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("cached") == len(STAGES), second.stdout
+
+    # The notebooks, on these artifacts (rather than a second smoke run of their own).
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    kernel_cmd = KernelSpecManager().get_kernel_spec("python3").argv[0]
+    # jupyter_client runs a spec saying "python" with the interpreter that starts it: this one.
+    assert kernel_cmd in ("python", "python3", sys.executable), kernel_cmd
+    for name, min_pictures in NOTEBOOKS.items():
+        nb = _execute_notebook(REPO_ROOT / "notebooks" / name, dict(env, FOURM_QUICKSTART_DIR=str(work)))
+        outputs = _outputs(nb)
+        errors = [o for o in outputs if o.output_type == "error"]
+        assert not errors, [f"{name}: {e.ename}: {e.evalue}" for e in errors]
+        pictures = sum("image/png" in o.get("data", {}) for o in outputs)
+        assert pictures >= min_pictures, f"{name}: {pictures} pictures, expected >= {min_pictures}"
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_notebooks_are_stored_without_outputs(name):
+    path = REPO_ROOT / "notebooks" / name
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code, f"{path}: no code cells"
+    stale = [i for i, c in enumerate(code) if c.outputs or c.execution_count is not None]
+    assert not stale, (f"{path}: code cells {stale} carry outputs; clear them before committing "
+                       f"(see notebooks/README.md)")
+
+
+def test_workdir_remembers_its_config_and_refuses_another(tmp_path):
+    from fourm.config import load_config
+    from fourm.quickstart import WorkdirMismatchError, write_config
+
+    smoke = load_config("quickstart:smoke", [f"workdir={tmp_path}"])
+    write_config(smoke)
+    assert json.loads((tmp_path / "config.json").read_text())["profile"] == "smoke"
+    write_config(smoke)  # the same config again: fine (a resumed or cached run)
+    default = load_config("quickstart", [f"workdir={tmp_path}"])
+    with pytest.raises(WorkdirMismatchError, match=r"config.json.*profile: 'smoke' -> 'default'"):
+        write_config(default)

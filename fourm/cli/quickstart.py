@@ -37,7 +37,11 @@ def main():
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         from fourm import quickstart
 
-        quickstart.run(config.value)
+        try:
+            quickstart.run(config.value)
+        except quickstart.WorkdirMismatchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
 
     app.run(_main)
 
