@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import grain
 import jax
@@ -137,13 +138,15 @@ def test_checkpoint_roundtrip_keep_n_and_data_state(tmp_path):
     ck = checkpointing.Checkpointer(tmp_path / "ck", keep=2)
     for step in (1, 2, 3):
         next(it)
-        ck.save(step, state, it, {"model": {"dim": 8}})
+        ck.save(step, state, it, {"model": {"dim": 8}}, meta={"train_step_fingerprint": "ab12"})
     ck.wait()
     assert ck.all_steps() == [2, 3]
     want_next = next(it)
     fresh = _iterator()
     restored = checkpointing.Checkpointer(tmp_path / "ck").restore_latest(_abstract(state), fresh)
     assert restored.step == 3 and restored.data_restored and restored.config == {"model": {"dim": 8}}
+    assert restored.meta == {"train_step_fingerprint": "ab12"}
+    assert checkpointing.saved_meta(tmp_path / "ck", 3) == restored.meta
     assert checkpointing.tree_equal(restored.state, state)
     np.testing.assert_array_equal(next(fresh), want_next)
     ck.close()
@@ -161,6 +164,7 @@ def test_restore_onto_another_mesh_reshards(tmp_path):
     target = {"w": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh_b, P("fsdp", "tensor")))}
     restored = checkpointing.Checkpointer(tmp_path / "ck").restore_latest(target)
     assert restored.state["w"].sharding == target["w"].sharding
+    assert restored.meta is None  # saved without meta (as checkpoints before it existed)
     assert len(restored.state["w"].addressable_shards) == 8
     np.testing.assert_array_equal(np.asarray(restored.state["w"]), np.asarray(x))
     ck.close()
@@ -197,6 +201,35 @@ def test_checkpoint_of_another_model_shape_is_an_error(tmp_path):
                        match=r"params/layer/kernel: checkpoint has shape \(4, 8\), this model expects \(4, 16\)"):
         ck.restore_latest(_abstract(_state(16)), _iterator())
     ck.close()
+
+
+def test_program_fingerprint_changes_with_the_program_and_flags(monkeypatch):
+    from fourm.train import trainer
+    x = jax.ShapeDtypeStruct((4,), jnp.float32)
+    fp = trainer.program_fingerprint(jax.jit(lambda a: a * 2).lower(x))
+    assert fp == trainer.program_fingerprint(jax.jit(lambda a: a * 2).lower(x))  # another jit, same program
+    assert fp != trainer.program_fingerprint(jax.jit(lambda a: a * 3).lower(x))
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_fast_math=true")
+    assert fp != trainer.program_fingerprint(jax.jit(lambda a: a * 2).lower(x))
+
+
+def test_compiled_train_step_never_recompiles_for_other_shardings():
+    """The trainer's step is compiled from declared shardings: an argument sharded otherwise (say,
+    restored onto another layout) is an error, not a second program with other numerics."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from fourm.train import trainer
+    mesh = mesh_lib.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    step = jax.jit(lambda s, b: (s + b.sum(0), None), in_shardings=(rep, rows), out_shardings=(rep, None),
+                   donate_argnums=(0,))
+    compiled, fp = trainer.compile_train_step(step, jax.ShapeDtypeStruct((4,), jnp.float32, sharding=rep),
+                                              jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=rows), mesh)
+    assert len(fp) == 64
+    out, _ = compiled(jax.device_put(jnp.zeros(4), rep), jax.device_put(jnp.ones((8, 4)), rows))
+    np.testing.assert_array_equal(out, np.full(4, 8.0))
+    with pytest.raises(ValueError, match="[Ss]harding"):
+        compiled(jax.device_put(jnp.zeros(4), rows), jax.device_put(jnp.ones((8, 4)), rows))
 
 
 # ---------------------------------------------------------------------------------- metrics

@@ -35,6 +35,10 @@ def main():
     def _main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        from absl import flags, logging
+
+        if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
+            logging.set_verbosity(logging.WARNING)
         from fourm import quickstart
 
         try:

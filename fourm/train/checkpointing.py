@@ -1,10 +1,13 @@
 """Orbax checkpoints of a training run: train state, grain iterator state and the resolved config.
 
-Layout: `<workdir>/checkpoints/<step>/{state, data, config}`. `state` is the train-state pytree
-(params, optimizer state, step), saved asynchronously: `save` returns once arrays are copied to
-host, the writes finish on a background thread. `data` is grain's per-process iterator state
+Layout: `<workdir>/checkpoints/<step>/{state, data, config, meta}`. `state` is the train-state
+pytree (params, optimizer state, step), saved asynchronously: `save` returns once arrays are on
+host, the writes finish on a background thread. (On CPU "on host" means numpy views of the device
+buffers; JAX does not donate a buffer that such a view references, so the next, donating, step
+cannot overwrite what is being written.) `data` is grain's per-process iterator state
 (`process_<i>-of-<n>.json`). `config` is the resolved config as JSON, for humans and for the
-"checkpoint from another model" error.
+"checkpoint from another model" error. `meta` is small run facts as JSON, e.g. the fingerprint
+of the compiled train step (see `trainer.program_fingerprint`).
 
 Restore walks the steps newest first: a checkpoint that cannot be read (interrupted save,
 truncated or corrupt file) is reported and the previous one is tried. A checkpoint whose arrays
@@ -38,6 +41,7 @@ class Restored:
     state: Any
     data_restored: bool  # False: grain state absent for this process layout; seek by step instead
     config: dict | None
+    meta: dict | None = None  # None for checkpoints written before `meta` existed
 
 
 def _flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -81,6 +85,7 @@ class Checkpointer:
             "state": ocp.StandardCheckpointHandler(),
             "data": grain.checkpoint.CheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
         })
 
     def _report_partial(self) -> None:
@@ -93,9 +98,12 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_iter: Any, config: dict, *, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data_iter: Any, config: dict, *, meta: dict | None = None,
+             force: bool = False) -> bool:
         """Start saving; returns once device arrays are on host (writes continue in background)."""
         items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config))
+        if meta is not None:
+            items["meta"] = ocp.args.JsonSave(meta)
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -109,17 +117,18 @@ class Checkpointer:
     def _restore_step(self, step: int, abstract_state: Any, data_iter: Any) -> Restored:
         where = f"{self.directory / str(step)}"
         try:
-            meta = self.manager.item_metadata(step)
-            state_meta = meta["state"] if meta is not None else None
+            item_meta = self.manager.item_metadata(step)
+            state_meta = item_meta["state"] if item_meta is not None else None
         except Exception as e:  # noqa: BLE001 - unreadable metadata = corrupt checkpoint
             raise _Corrupt(f"cannot read its metadata ({type(e).__name__}: {str(e)[:300]})") from e
         if state_meta is None:
             raise _Corrupt("it has no readable 'state' item")
         check_compatible(state_meta, abstract_state, where)
+        items = dict(state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore())
+        if (self.directory / str(step) / "meta").is_dir():
+            items["meta"] = ocp.args.JsonRestore()
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                config=ocp.args.JsonRestore()))
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001
             raise _Corrupt(f"{type(e).__name__}: {str(e)[:500]}") from e
         # grain writes one file per process; a run resumed with another process count has none
@@ -138,7 +147,7 @@ class Checkpointer:
             log.warning("checkpoint %s has no data-iterator state for process %d of %d (written "
                         "with another process count); the input pipeline is positioned from the "
                         "step instead", where, pi, pc)
-        return Restored(step, out["state"], data_restored, out.get("config"))
+        return Restored(step, out["state"], data_restored, out.get("config"), out.get("meta"))
 
     def restore_latest(self, abstract_state: Any, data_iter: Any = None) -> Restored | None:
         """Newest readable checkpoint restored onto `abstract_state`'s shardings, or None."""
@@ -186,11 +195,19 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def saved_config(directory: str | Path, step: int) -> dict | None:
-    p = Path(directory) / str(step) / "config" / "metadata"
+def _saved_json(directory: str | Path, step: int, item: str) -> dict | None:
+    p = Path(directory) / str(step) / item / "metadata"  # where orbax's JsonCheckpointHandler writes
     if p.exists():
         return json.loads(p.read_text())
     return None
+
+
+def saved_config(directory: str | Path, step: int) -> dict | None:
+    return _saved_json(directory, step, "config")
+
+
+def saved_meta(directory: str | Path, step: int) -> dict | None:
+    return _saved_json(directory, step, "meta")
 
 
 def tree_equal(a: Any, b: Any) -> bool:

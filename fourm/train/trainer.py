@@ -3,9 +3,11 @@
 
 Guarantees (each one tested):
 * Bad configs fail before any compute, with the field and the expected value named.
-* Exact resume: a run killed (even with SIGKILL) and restarted gives bitwise the same losses and
-  parameters as an uninterrupted one: the state is saved whole, the data order and masks are a
-  pure function of (seed, global example index), and grain's iterator position is checkpointed.
+* Exact resume: a run killed (even with SIGKILL) and restarted gives bitwise the same losses,
+  parameters and optimizer state as an uninterrupted one: the state is saved whole, the data order
+  and masks are a pure function of (seed, global example index), grain's iterator position is
+  checkpointed, and the resumed process runs the same compiled program (its fingerprint is saved
+  with every checkpoint and compared on resume).
 * SIGTERM (preemption) saves at the next step boundary and returns normally (exit status 0).
 * A multi-process run computes on the same global batches as a one-process run.
 """
@@ -13,6 +15,7 @@ Guarantees (each one tested):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -183,6 +186,32 @@ def jit_steps(config, graphdef, tx, schedule, abstract_state, state_sh, batch_sh
     return train_step, eval_step
 
 
+def compile_train_step(train_step, abstract_state, abstract_batch, mesh):
+    """(compiled step, fingerprint), compiled ahead of time from the abstract state and batch.
+
+    Why AOT: the program is fixed by the shapes/shardings the trainer declares, never by the
+    arrays it is first called with, so a resumed run (arrays from orbax) runs the very program
+    a fresh run (arrays from init) does; an argument with another sharding or dtype is an error
+    instead of a silent second compilation."""
+    with jax.set_mesh(mesh):  # the model reads the mesh while tracing (sharding constraints)
+        lowered = train_step.lower(abstract_state, abstract_batch)
+        return lowered.compile(), program_fingerprint(lowered)
+
+
+def program_fingerprint(lowered) -> str:
+    """sha256 of what decides the bits a train step computes: its StableHLO (which holds no source
+    paths or line numbers), the jax/jaxlib versions, the device kind and XLA_FLAGS. Equal
+    fingerprints + equal inputs = equal bits on CPU (tested); a resume under another fingerprint
+    (code edited, library upgraded, flags changed) continues correctly but not bitwise."""
+    import jaxlib
+    h = hashlib.sha256(lowered.as_text().encode())
+    dev = jax.devices()[0]
+    for part in (jax.__version__, jaxlib.__version__, dev.platform, dev.device_kind,
+                 os.environ.get("XLA_FLAGS", "")):
+        h.update(b"\0" + str(part).encode())
+    return h.hexdigest()
+
+
 def nonfinite_report(step: int, m: dict) -> str:
     """Name the culprit: modalities whose own loss is non-finite; failing that, the modalities
     whose parameters got non-finite gradients (a NaN loss poisons every gradient, so the loss
@@ -306,19 +335,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trai
     log.info("model: %.2fM parameters, %d modalities", num_params / 1e6, len(modalities))
 
     # ---------------------------------------------------------------- update step
+    # Compiled ahead of time (`compile_train_step`) once the checkpoint is known to fit the model.
     train_step, eval_step = jit_steps(config, graphdef, tx, schedule, abstract_state, state_sh,
                                       batch_sh, mesh)
+    abstract_batch = {k: jax.ShapeDtypeStruct((config.batch_size, *shape), dtype, sharding=batch_sh[k])
+                      for k, (shape, dtype) in batch_spec.items()}
 
     # ---------------------------------------------------------------- checkpoint
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                       async_save=config.async_checkpoint)
     config_json = json.loads(config_lib.to_json(config))
-    restored = ckpt.restore_latest(abstract_state, data_iter)
+    restored = ckpt.restore_latest(abstract_state, data_iter)  # a misfit raises before compiling
+    train_step, fingerprint = compile_train_step(train_step, abstract_state, abstract_batch, mesh)
+    ckpt_meta = {"train_step_fingerprint": fingerprint}
     if restored is not None:
         state, start = restored.state, restored.step
         if not restored.data_restored:
             data_iter = make_iterator(start_step=start)
         log.info("resumed from step %d (%s)", start, ckpt.directory / str(start))
+        saved = (restored.meta or {}).get("train_step_fingerprint")
+        if saved is not None and saved != fingerprint:
+            log.warning("resuming with a different train-step program than the one that wrote step "
+                        "%d (fingerprint %s..., now %s...: code, jax/jaxlib or XLA_FLAGS changed); "
+                        "the run goes on, but not bitwise like an uninterrupted one",
+                        start, saved[:12], fingerprint[:12])
     else:
         state = jax.jit(init_fn, out_shardings=state_sh)()
         start = 0
@@ -370,7 +410,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trai
             if preempt.reached(step):
                 log.warning("SIGTERM: saving step %d and exiting", step)
                 if step != last_saved:
-                    ckpt.save(step, state, data_iter, config_json, force=True)
+                    ckpt.save(step, state, data_iter, config_json, meta=ckpt_meta, force=True)
                 preempted = True
                 break
             batch = to_device(next(data_iter))
@@ -382,7 +422,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trai
             pending = (step, dev_metrics)
             if step % config.ckpt_every == 0 or step == total:
                 # Returns once the arrays are on host; the files are written in the background.
-                ckpt.save(step, state, data_iter, config_json)
+                ckpt.save(step, state, data_iter, config_json, meta=ckpt_meta)
                 last_saved = step
             if eval_batches and (step % config.eval_every == 0 or step == total):
                 writer.write(step, run_eval(state), split="eval")
