@@ -3,7 +3,7 @@
 Variants:
   smoke   a very small model on the scene shards, for tests and a quick look (minutes on a CPU);
   quickstart
-          the quickstart's default: 256 wide, 4+4 layers, sized so ~10 minutes on 2 CPU cores
+          the quickstart's default: 192 wide, 4+4 layers, sized so ~10 minutes on 2 CPU cores
           teach it RGB -> depth / normals / segmentation / caption on the scene shards;
   tiny    4M-T (384 wide, 6+6 layers) on the scene shards at 64 px (the CPU benchmark);
   base | large | xlarge
@@ -91,7 +91,7 @@ def get_config(arg="tiny"):
   elif arg == "quickstart":
     # Compute-bound on a 2-core CPU: a narrower, shallower model sees ~3x more samples in the
     # same minutes than 4M-T would, which is what matters in a budget this small.
-    c.model.update(dim=256, encoder_depth=4, decoder_depth=4, num_heads=4)
+    c.model.update(dim=192, encoder_depth=4, decoder_depth=4, num_heads=3)
     c.batch_size = 32
     c.num_train_steps = 600
     c.optim.lr = 2e-3
