@@ -41,7 +41,7 @@ def get_config(arg=None):
       modalities=QUICK_MODALITIES if quick else REFERENCE_MODALITIES,
       head_impl="chunked",  # chunked | dense
       scan_layers=True,
-      remat="none",
+      remat="dots_no_batch",  # the model default
       # >0 replaces the size's depth (encoder and decoder): tests use 1 to compile fast.
       depth=0,
   ))

@@ -10,7 +10,7 @@ from flax import nnx
 
 from fourm import modalities as modreg
 from fourm.model import BatchError, ModelSpec, build_model, loss_fn, model_config
-from fourm.model import decoding
+from fourm.model import decoding, heads
 from fourm.model.loss import reduce_loss
 from fourm.model.synthetic import synthetic_batch
 from fourm.model.validate import validate_batch
@@ -126,6 +126,34 @@ def test_chunked_head_equals_dense_head_including_grads(batch):
     tree_close(g1, g2, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("chunk", [4, 32, 128])
+def test_own_vocab_loss_matches_dense_for_any_cotangent(chunk):
+    # chunk 32 = full chunks of 32 rows + tail chunks of 8; 4 = full chunks only (no tail size)
+    rng = np.random.default_rng(0)
+    t, d, vocabs = 150, 16, (40, 24, 56)
+    h = jnp.asarray(rng.normal(size=(1, t, d)), jnp.float32)
+    head_ids = jnp.asarray(rng.choice(4, size=(1, t), p=[0.5, 0.2, 0.2, 0.1]), jnp.int32)  # 3 = none
+    targets = jnp.asarray(rng.integers(0, 24, size=(1, t)), jnp.int32)
+    weights = tuple(jnp.asarray(0.3 * rng.normal(size=(v, d)), jnp.float32) for v in vocabs)
+    tw = jnp.asarray(rng.random((1, t)), jnp.float32)
+    g_nll = jnp.asarray(rng.normal(size=(1, t)), jnp.float32)
+
+    def objective(impl, with_nll):
+        def f(h, w):
+            loss, nll, _ = heads.own_vocab_loss(h, head_ids, targets, w, tw, impl=impl, chunk=chunk)
+            return loss + (jnp.sum(g_nll * nll) if with_nll else 0.0)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+    for with_nll in (False, True):  # fused gradients only / plus a cotangent on nll itself
+        (v1, g1), (v2, g2) = objective("chunked", with_nll)(h, weights), objective("dense", with_nll)(h, weights)
+        assert float(v1) == pytest.approx(float(v2), rel=1e-5)
+        tree_close(g1, g2, rtol=1e-4, atol=1e-5)
+    nll, correct = heads.own_vocab_nll(h, head_ids, targets, weights, chunk=chunk)
+    nll_d, correct_d = heads.dense_nll(h, head_ids, targets, weights)
+    np.testing.assert_allclose(np.asarray(nll), np.where(head_ids < 3, nll_d, 0.0), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(np.asarray(correct), np.asarray(correct_d & (head_ids < 3)))
+
+
 def test_token_loss_is_mean_over_predictions(model):
     nll = jnp.asarray([[1.0, 2.0, 3.0, 0.0], [4.0, 5.0, 0.0, 0.0]])
     head_ids = jnp.asarray([[0, 0, 1, 3], [2, 2, 3, 3]])  # 3 = no head (padding)
@@ -142,7 +170,7 @@ def test_token_loss_is_mean_over_predictions(model):
 
 def test_scan_unrolled_and_remat_agree(batch):
     ref = value_and_grads({}, batch)
-    for kw in (dict(scan_layers=False), dict(remat="dots_no_batch")):
+    for kw in (dict(scan_layers=False), dict(remat="none"), dict(remat="dots")):
         got = value_and_grads(kw, batch)
         assert float(got[0]) == pytest.approx(float(ref[0]), rel=1e-6), kw
         tree_close(got[2], ref[2], rtol=1e-4, atol=1e-7)

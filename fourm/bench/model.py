@@ -11,12 +11,22 @@ machine class): tiny forward 0.48 s, forward+backward 1.52 s; base 2.9 s / 9.1 s
 Model FLOPs per step = XLA cost analysis of the jitted encoder+decoder (no head) + the output
 heads counted exactly (2 T_m D V_m per modality for the forward, 3x that with the backward):
 XLA's cost analysis counts a while-loop body once, and the chunked head is such a loop.
+
+The process first makes glibc keep freed memory (`fourm.hostmem`; --nokeep_freed_memory
+to measure without): otherwise every forward+backward step re-faults ~500 MB of fresh pages.
+The "page faults" column is the minor page faults per step. --remat defaults to the model
+config's policy ("dots_no_batch").
 """
 
 from __future__ import annotations
 
 import os
 import time
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 import jax
 import jax.numpy as jnp
@@ -40,26 +50,35 @@ def _define_flags() -> None:
     flags.DEFINE_string("head_impl", "chunked", "chunked | dense")
     flags.DEFINE_integer("head_chunk", 128, "chunk size of the chunked head")
     flags.DEFINE_boolean("scan_layers", True, "scan over layers (False: unrolled)")
-    flags.DEFINE_string("remat", "none", "remat policy")
+    flags.DEFINE_string("remat", "", "remat policy (empty: the model config's default)")
+    flags.DEFINE_boolean("keep_freed_memory", True, "glibc malloc keeps freed memory "
+                         "(fourm.hostmem); --nokeep_freed_memory measures the page-fault cost")
 
 
 MODALITIES = ["rgb@224", "tok_rgb@224", "tok_depth@224", "caption"]
 REFERENCE = {"tiny": (0.48, 1.52), "base": (2.9, 9.1)}  # PyTorch ml-4m, seconds per step
 
 
-def _time(fn, args, iters: int) -> tuple[float, float]:
-    """(median wall seconds, median process CPU seconds) per call, after a warm-up call.
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
+
+def _time(fn, args, iters: int) -> tuple[float, float, float]:
+    """(median wall seconds, median process CPU seconds, page faults) per call, after a warm-up.
 
     CPU seconds are reported because this machine is shared: under load, wall time measures the
-    neighbours; CPU time / cores is what the step would take with the cores to itself."""
-    jax.block_until_ready(fn(*args))  # compile + warm-up
+    neighbours; CPU time / cores is what the step would take with the cores to itself. Minor
+    page faults per call show host memory being handed back and re-faulted (see hostmem)."""
+    for _ in range(2):  # compile + warm-up; the second call lets the host heap settle
+        jax.block_until_ready(fn(*args))
     wall, cpu = [], []
+    f0 = _minor_faults()
     for _ in range(iters):
         t0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn(*args))
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    return float(np.median(wall)), float(np.median(cpu))
+    return float(np.median(wall)), float(np.median(cpu)), (_minor_faults() - f0) / iters
 
 
 def _unrolled(cfg):
@@ -76,7 +95,9 @@ def bench_size(size: str) -> None:
     cfg = model_config(size, "swiglu")
     cfg.family, cfg.modalities = "ml4m", MODALITIES
     cfg.update(dtype=FLAGS.dtype, head_impl=FLAGS.head_impl, head_chunk=FLAGS.head_chunk,
-               scan_layers=FLAGS.scan_layers, remat=FLAGS.remat)
+               scan_layers=FLAGS.scan_layers)
+    if FLAGS.remat:
+        cfg.remat = FLAGS.remat
     model = build_model(cfg, seed=0)
     spec = model.spec
     batch = {k: jnp.asarray(v) for k, v in synthetic_batch(
@@ -110,12 +131,12 @@ def bench_size(size: str) -> None:
     ref = REFERENCE.get(size) if FLAGS.batch == 8 and FLAGS.dtype == "float32" else None
     print(f"\n{size}: dim {spec.dim}, {spec.encoder_depth}+{spec.decoder_depth} layers, "
           f"{n_params / 1e6:.1f}M params, batch {FLAGS.batch}, {FLAGS.input_tokens}+{FLAGS.target_tokens} "
-          f"tokens, {FLAGS.dtype}, head {FLAGS.head_impl}")
+          f"tokens, {FLAGS.dtype}, head {FLAGS.head_impl}, remat {spec.remat}")
     cores = os.cpu_count() or 1
-    for label, (t, c), fl, r in (("forward", t_fwd, flops_fwd, ref and ref[0]),
+    for label, (t, c, faults), fl, r in (("forward", t_fwd, flops_fwd, ref and ref[0]),
                                  ("forward+backward", t_bwd, flops_bwd, ref and ref[1])):
         line = (f"  {label:17s} {t:7.3f} s/step (cpu {c:6.2f} s)  {tokens / t:8.0f} tokens/s  "
-                f"{fl / 1e9:6.1f} GFLOP/step  {fl / t / 1e9:6.1f} GFLOP/s")
+                f"{fl / 1e9:6.1f} GFLOP/step  {fl / t / 1e9:6.1f} GFLOP/s  {faults:7.0f} page faults")
         if r:
             line += f"  | PyTorch {r:.2f} s: {r / t:.2f}x throughput (cpu/{cores}: {r / (c / cores):.2f}x)"
         print(line)
@@ -125,9 +146,13 @@ def bench_size(size: str) -> None:
 
 def main(argv):
     del argv
+    if FLAGS.keep_freed_memory:  # before JAX starts its thread pools
+        from fourm.hostmem import keep_freed_memory
+        keep_freed_memory()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"fourm model benchmark: jax {jax.__version__} on {jax.devices()[0].platform} "
-          f"({os.cpu_count()} CPUs visible, load average {load:.1f}; timings are medians of wall time)")
+          f"({os.cpu_count()} CPUs visible, load average {load:.1f}; timings are medians of wall time; "
+          f"keep_freed_memory={FLAGS.keep_freed_memory})")
     for size in FLAGS.sizes:
         bench_size(size)
 

@@ -460,6 +460,9 @@ def _worker(argv) -> int:
         print("usage: python -m fourm.bench.suite CONFIG.json GROUP OUT.json", file=sys.stderr)
         return 2
     cfg_path, name, out_path = argv
+    from fourm.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # as fourm-train does, before JAX starts its thread pools
     c = ml_collections.ConfigDict(json.loads(Path(cfg_path).read_text()))
     results = run_group(name, c)
     atomic_write(out_path, json.dumps([r.to_dict() for r in results], default=str))

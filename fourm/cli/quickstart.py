@@ -25,6 +25,9 @@ def _simulate_devices(n: int) -> None:
 
 
 def main():
+    from fourm.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # before JAX starts its thread pools: steps stop re-faulting freed memory
     _simulate_devices(8)
     from absl import app
 

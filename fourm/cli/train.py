@@ -26,8 +26,10 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from fourm.hostmem import keep_freed_memory
     from fourm.train import distributed
 
+    keep_freed_memory()  # before JAX starts its thread pools: steps stop re-faulting freed memory
     distributed.initialize(_DISTRIBUTED.value)  # before anything touches a jax backend
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax", "tensorboardX"):

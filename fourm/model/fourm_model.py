@@ -29,7 +29,7 @@ from fourm.batch import PIXELS_PREFIX
 from fourm.modalities import Modality
 from fourm.model import layers
 from fourm.model.embeddings import DecoderEmbedding, EncoderEmbedding, fixed_pos_table, patchify
-from fourm.model.heads import own_vocab_nll
+from fourm.model.heads import own_vocab_loss, own_vocab_nll
 from fourm.model.layers import cast, param
 from fourm.model.sharding import constrain
 from fourm.model.spec import ModelSpec
@@ -202,19 +202,35 @@ class FourM(nnx.Module):
         dt = self.spec.dtype
         return jnp.dot(y.astype(dt), self.head_weight(name).astype(dt).T, preferred_element_type=jnp.float32)
 
-    def target_nll(self, y: jax.Array, batch: Mapping[str, jax.Array]):
-        """Per-slot (nll, correct) under each slot's own head; slots without loss get nll 0."""
+    def target_head_ids(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """(B, N_dec) index into spec.targets of each slot's head; len(targets) = no loss."""
         spec = self.spec
         targets = spec.targets
         lookup = jnp.full((len(spec.modalities),), len(targets), jnp.int32)
         lookup = lookup.at[jnp.asarray(targets, jnp.int32)].set(jnp.arange(len(targets), dtype=jnp.int32))
         has_loss = batch["dec_valid"].astype(bool) & batch.get("dec_loss", batch["dec_valid"]).astype(bool)
-        head_ids = jnp.where(has_loss, lookup[jnp.clip(batch["dec_mod"], 0, len(spec.modalities) - 1)],
-                             len(targets))
-        weights = tuple(self.head_weight(spec.modalities[i].name).astype(spec.dtype) for i in targets)
-        nll, correct = own_vocab_nll(y.astype(spec.dtype), head_ids, batch["dec_targets"], weights,
-                                     impl=spec.head_impl, chunk=spec.head_chunk)
+        return jnp.where(has_loss, lookup[jnp.clip(batch["dec_mod"], 0, len(spec.modalities) - 1)],
+                         len(targets))
+
+    def _head_weights(self) -> tuple:
+        spec = self.spec
+        return tuple(self.head_weight(spec.modalities[i].name).astype(spec.dtype) for i in spec.targets)
+
+    def target_nll(self, y: jax.Array, batch: Mapping[str, jax.Array]):
+        """Per-slot (nll, correct) under each slot's own head; slots without loss get nll 0."""
+        spec = self.spec
+        head_ids = self.target_head_ids(batch)
+        nll, correct = own_vocab_nll(y.astype(spec.dtype), head_ids, batch["dec_targets"],
+                                     self._head_weights(), impl=spec.head_impl, chunk=spec.head_chunk)
         return nll, correct, head_ids
+
+    def target_loss(self, y: jax.Array, batch: Mapping[str, jax.Array], head_ids: jax.Array,
+                    token_weights: jax.Array):
+        """(sum(token_weights * nll), nll, correct): the training loss with its gradients computed
+        alongside the head's forward pass (see `fourm.model.heads.own_vocab_loss`)."""
+        spec = self.spec
+        return own_vocab_loss(y.astype(spec.dtype), head_ids, batch["dec_targets"], self._head_weights(),
+                              token_weights, impl=spec.head_impl, chunk=spec.head_chunk)
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         return self.decode(self.encode(batch), batch)

@@ -192,14 +192,33 @@ class CrossAttention(nnx.Module):
 
 
 def attend(q, k, v, mask, impl: str, dtype) -> jax.Array:
-    """Scaled dot-product attention via `jax.nn.dot_product_attention` (cuDNN flash on GPUs).
+    """Scaled dot-product attention: q (B, Nq, H, hd), k, v (B, Nk, H, hd) -> (B, Nq, H, hd).
 
     `mask` is boolean, True = may attend, broadcastable to (B, H, Nq, Nk). A query row with no
     visible key (a padding slot) gets a uniform average instead of NaN, like 4M's -finfo.max fill.
+    "cudnn" runs `jax.nn.dot_product_attention`'s flash kernel; "xla" is `_attend_xla`.
     """
     q = constrain(q, ("batch", "seq", "act_heads", None))
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5,
-                                        implementation=attention_impl(impl, dtype, q.shape[-1]))
+    impl = attention_impl(impl, dtype, q.shape[-1])
+    if impl == "xla":
+        return _attend_xla(q, k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, implementation=impl)
+
+
+def _attend_xla(q, k, v, mask) -> jax.Array:
+    """The maths of jax.nn.dot_product_attention(implementation="xla"), bit-identical on CPU, with
+    heads moved next to the batch axis once. That function keeps (B, N, H, hd) operands in its
+    einsums, and XLA:CPU then transposes operands around every score/value matmul of the
+    backward pass; this version runs attention forward+backward 1.6x faster on CPU (tiny
+    shapes: 15.2 -> 9.6 ms). (Transposing the packed qkv projection once instead of q, k and v
+    separately measured no faster.)"""
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, H, N, hd)
+    scale = jnp.asarray(q.shape[-1] ** -0.5, jnp.promote_types(q.dtype, jnp.float32))
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=scale.dtype) * scale
+    if mask is not None:
+        s = jnp.where(mask, s, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, s.dtype))
+    p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", p, v).transpose(0, 2, 1, 3)
 
 
 class Mlp(nnx.Module):

