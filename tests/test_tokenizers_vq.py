@@ -309,3 +309,18 @@ def test_recipes_build_the_registry_grids(recipe, arg, grid):
     abstract_model(cfg)  # shapes only: nothing allocated or compiled
     reg = modalities.get(f"{cfg.name}@{cfg.resolution}")
     assert reg.grid == (grid, grid) and reg.vocab_size == codebook_size_of(cfg.quantizer)
+
+
+def test_tokenizer_mesh_uses_every_device_or_the_first_n():
+    from fourm.tokenizers.train import make_mesh
+
+    cfg = base_config("rgb", "tok_rgb", dict(kind="image", channels=3), "64")
+    assert make_mesh(cfg).devices.size == jax.device_count()
+    cfg.train.devices = 1
+    assert list(make_mesh(cfg).devices.flat) == jax.devices()[:1]
+    cfg.train.devices = jax.device_count() + 1
+    with pytest.raises(ValueError, match="train.devices"):
+        make_mesh(cfg)
+    cfg.train.devices, cfg.train.batch_size = 0, jax.device_count() + 1
+    with pytest.raises(ValueError, match="batch_size"):
+        make_mesh(cfg)

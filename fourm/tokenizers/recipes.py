@@ -75,6 +75,7 @@ def base_config(modality: str, name: str, codec: dict, arg: str | None = None,
         b1=0.9, b2=0.99, weight_decay=1e-4, grad_clip=1.0,
         log_every=25, image_every=250, ckpt_every=250, keep_checkpoints=3,
         num_images=8,  # reconstruction rows per PNG
+        devices=0,  # data-parallel over every device (0) or the first n (single process)
     ))
     c.data = ml_collections.ConfigDict(dict(
         source="scenes",  # "scenes" (procedural generator) or "folder" (fourm.data.folder layout)

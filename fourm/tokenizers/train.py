@@ -67,13 +67,17 @@ def make_mesh(cfg) -> jax.sharding.Mesh:
     m = cfg.get("mesh", {})
     if m and (m.get("fsdp", 1) != 1 or m.get("tensor", 1) != 1):
         raise ValueError("tokenizer training is data-parallel only: set mesh.fsdp=1 mesh.tensor=1")
-    n = jax.device_count()
+    n = int(cfg.train.get("devices", 0)) or jax.device_count()
+    if not 0 < n <= jax.device_count() or (n != jax.device_count() and jax.process_count() > 1):
+        raise ValueError(f"train.devices={n}: use 0 (every device) or 1..{jax.device_count()} "
+                         f"(a subset only in a single-process run)")
     if cfg.train.batch_size % n:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
                          f"{n} devices of the data-parallel mesh")
     # Auto axes: XLA propagates the batch sharding through reshapes (space-to-depth etc.);
     # explicit sharding-in-types would demand annotations on every reshape.
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:n])
 
 
 def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
