@@ -108,7 +108,7 @@ def define_config_flag(default: str, help_text: str = "ml-collections config fil
     class _Parser(config_flags.ConfigFileFlagParser):
         def parse(self, value):
             path, arg = resolve_config_path(value)
-            return super().parse(f"{path}:{arg}" if arg is not None else str(path))
+            return lists_to_tuples(super().parse(f"{path}:{arg}" if arg is not None else str(path)))
 
     path, arg = resolve_config_path(default)
     spec = f"{path}:{arg}" if arg else str(path)
@@ -117,6 +117,19 @@ def define_config_flag(default: str, help_text: str = "ml-collections config fil
         name="config", default=spec, help_string=help_text, flag_values=flags.FLAGS,
         accept_new_attributes=False, sys_argv=None)
     return flags.DEFINE_flag(flag, flags.FLAGS)
+
+
+def lists_to_tuples(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Turn list fields into tuples, in place: ml-collections' `--config.key=value` overrides
+    refuse list fields but take tuples, one flag per element (`--config.modalities=rgb@64
+    --config.modalities=caption`) or a literal (`--config.modalities="('rgb@64', 'caption')"`)."""
+    for key, value in cfg.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            lists_to_tuples(value)
+        elif isinstance(value, list):
+            del cfg[key]  # re-create the field: assigning a tuple to a list field keeps a list
+            cfg[key] = tuple(value)
+    return cfg
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
