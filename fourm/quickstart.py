@@ -252,8 +252,12 @@ def stage_report(cfg, out: Path) -> dict:
     sections.append(("Held-out scenes", report.img_html("scenes/grid.png", "the viewer: a row per scene")))
     tok_rows, imgs = [], []
     for field, (recipe, _) in IMAGE_TOKENIZERS.items():
-        fig = done.get("tokenizers", {}).get(field, {})
-        tok_rows.append({"tokenizer": field, **{k: v for k, v in fig.items() if isinstance(v, (int, float))}})
+        fig = {k: v for k, v in done.get("tokenizers", {}).get(field, {}).items()
+               if isinstance(v, (int, float))}
+        usage = ("codebook_usage_pct", "codes_used", "perplexity", "vocab_size", "step", "num_images")
+        quality = ", ".join(f"{k} {v:.4g}" for k, v in fig.items()
+                            if k not in usage and k not in ("tokens", "invalid_pixels"))
+        tok_rows.append({"tokenizer": field, "quality": quality, **{k: fig[k] for k in usage if k in fig}})
         for p in sorted((root / "tokenizers" / recipe).glob("**/*.png"))[-1:]:
             imgs.append(report.img_html(str(p.relative_to(root)), f"{field}: input | reconstruction"))
     sections.append(("Tokenizers (held-out)", report.table_html(tok_rows) + "".join(imgs)))

@@ -97,7 +97,7 @@ def _save(img: Image.Image, path) -> Path:
 def table_html(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:
     if not rows:
         return "<p><i>none</i></p>"
-    columns = list(columns or rows[0].keys())
+    columns = list(columns or dict.fromkeys(k for r in rows for k in r))  # every row's keys, in order
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     body = []
     for r in rows:

@@ -51,6 +51,8 @@ def test_quickstart_smoke_runs_and_caches(tmp_path):
                     "report/loss.png"):
         assert picture in report
         assert (work / picture).stat().st_size > 1000
+    for figure in ("psnr", "abs_rel", "angle_mean_deg", "pixel_acc", "codebook_usage_pct", "depth_rmse"):
+        assert figure in report, figure  # every tokenizer's own figures, and generation's
     # The model learned something in its few steps: the loss fell.
     metrics = [json.loads(l) for l in (work / "pretrain" / "metrics.jsonl").read_text().splitlines() if l]
     losses = [m["loss"] for m in metrics if m.get("split") == "train" and "loss" in m]
