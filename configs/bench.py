@@ -11,8 +11,8 @@ import ml_collections
 
 from fourm.config import common_config
 
-REFERENCE_MODALITIES = ("rgb@224", "tok_rgb@224", "tok_depth@224", "caption")
-QUICK_MODALITIES = ("rgb@64", "tok_rgb@64", "tok_depth@64", "caption")
+REFERENCE_MODALITIES = ["rgb@224", "tok_rgb@224", "tok_depth@224", "caption"]
+QUICK_MODALITIES = ["rgb@64", "tok_rgb@64", "tok_depth@64", "caption"]
 
 
 def get_config(arg=None):
@@ -33,7 +33,7 @@ def get_config(arg=None):
 
   # Model forward / forward+backward (and the train step) at 4M's reference shapes.
   c.model = ml_collections.ConfigDict(dict(
-      sizes=("tiny",) if quick else ("tiny", "base"),
+      sizes=["tiny"] if quick else ["tiny", "base"],
       batch=2 if quick else 8,
       input_tokens=32 if quick else 128,
       target_tokens=32 if quick else 128,
@@ -49,7 +49,7 @@ def get_config(arg=None):
 
   # Generation: RGB -> depth (MaskGIT, cosine schedule) -> caption (greedy, KV cache).
   c.generate = ml_collections.ConfigDict(dict(
-      sizes=("tiny",),  # the reference also has base (MaskGIT 5.9 s)
+      sizes=["tiny"],  # the reference also has base (MaskGIT 5.9 s)
       batch=1,
       steps=8,
       caption_tokens=4 if quick else 20,
@@ -58,8 +58,8 @@ def get_config(arg=None):
 
   # Tokenizers: the repository's recipes with random weights, and the text tokenizer.
   c.tokenizer = ml_collections.ConfigDict(dict(
-      recipes=("rgb",) if quick else ("rgb", "depth"),
-      resolutions=(64,) if quick else (64, 224),
+      recipes=["rgb"] if quick else ["rgb", "depth"],
+      resolutions=[64] if quick else [64, 224],
       batch=4 if quick else 32,
       captions=200 if quick else 2000,
       tiny=quick,  # the recipes' smoke-test models
@@ -67,8 +67,8 @@ def get_config(arg=None):
 
   # Scene generator: scenes per second (one process's CPU rate, and wall rate with workers).
   c.scenes = ml_collections.ConfigDict(dict(
-      resolutions=(64,) if quick else (64, 224),
-      workers=(1,) if quick else (1, 2),
+      resolutions=[64] if quick else [64, 224],
+      workers=[1] if quick else [1, 2],
       num=20 if quick else 400,  # at 64 px; scaled by (64 / R)^2 for larger R, min 40 (10 quick)
   ))
 
@@ -76,7 +76,7 @@ def get_config(arg=None):
   c.pretokenize = ml_collections.ConfigDict(dict(
       num=16 if quick else 128,
       resolution=64,
-      modalities=("rgb@64", "tok_rgb@64", "tok_depth@64", "caption"),
+      modalities=["rgb@64", "tok_rgb@64", "tok_depth@64", "caption"],
       # vq: the recipes' VQ tokenizers (random weights) | vq_tiny: their smoke-test models |
       # patch: fourm.bench.shards' patch quantizers (no network)
       tokenizers="vq_tiny" if quick else "vq",

@@ -149,7 +149,7 @@ def _forward(h, head_ids, targets, weights, token_weights, chunk, grads: bool, g
     nll = jnp.where(valid, lse_b[d] - tl_b[d], 0.0)
     correct = valid & (am_b[d] == targets)
     dh = jnp.where(valid[:, None], dhb[d], 0.0) if grads else None
-    return (nll, correct), (hb, tb, dest, valid, starts, counts, lse_b), (dh, dws)
+    return (nll, correct), (dh, dws)
 
 
 def _dlogits(e, se, tc, gc, dtype):
@@ -159,41 +159,10 @@ def _dlogits(e, se, tc, gc, dtype):
     return dl.astype(dtype)
 
 
-def _backward(saved, weights, g_nll, chunk):
-    """Gradients for an arbitrary per-slot cotangent g_nll: re-runs the loops, recomputing logits."""
-    hb, tb, dest, valid, starts, counts, lse_b = saved
-    cap, dim = hb.shape
-    gb = jnp.zeros((cap,), jnp.float32).at[dest].set(jnp.where(valid, g_nll, 0.0), mode="drop")
-    dhb = jnp.zeros((cap, dim), jnp.float32)
-    dws = []
-    for m, w in enumerate(weights):
-        vocab = w.shape[0]
-        dw = jnp.zeros(w.shape, jnp.float32)
-        for rows, trips, at in _plan(starts, counts, m, chunk):
-
-            def body(i, c, w=w, vocab=vocab, at=at, rows=rows):
-                dhb, dw = c
-                s = at(i)
-                hc = jax.lax.dynamic_slice_in_dim(hb, s, rows)
-                tc = jnp.clip(jax.lax.dynamic_slice_in_dim(tb, s, rows), 0, vocab - 1)
-                gc = jax.lax.dynamic_slice_in_dim(gb, s, rows)
-                lse = jax.lax.dynamic_slice_in_dim(lse_b, s, rows)
-                e = jnp.exp(_chunk_logits(hc, w) - lse[:, None])  # softmax
-                dl = _dlogits(e, jnp.ones_like(lse), tc, gc, w.dtype)
-                dhc = jnp.dot(dl, w, preferred_element_type=jnp.float32)
-                dw = dw + jnp.dot(dl.T, hc, preferred_element_type=jnp.float32)
-                return jax.lax.dynamic_update_slice_in_dim(dhb, dhc, s, 0), dw
-
-            dhb, dw = jax.lax.fori_loop(0, trips, body, (dhb, dw))
-        dws.append(dw)
-    d = jnp.minimum(dest, cap - 1)
-    return jnp.where(valid[:, None], dhb[d], 0.0), dws
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _chunked(h, head_ids, targets, weights, token_weights, chunk, fused):
     """(loss = sum_t token_weights_t * nll_t, nll, correct)."""
-    (nll, correct), _, _ = _forward(h, head_ids, targets, weights, None, chunk, False, False)
+    (nll, correct), _ = _forward(h, head_ids, targets, weights, None, chunk, False, False)
     return jnp.sum(token_weights * nll), nll, correct
 
 
@@ -203,14 +172,14 @@ def _chunked_fwd(h, head_ids, targets, weights, token_weights, chunk, fused):
     grad_w = any(p.perturbed for p in weights)
     h, head_ids, targets, token_weights = map(val, (h, head_ids, targets, token_weights))
     weights = tuple(map(val, weights))
-    (nll, correct), saved, (dh, dws) = _forward(h, head_ids, targets, weights, token_weights, chunk,
-                                                fused, fused and grad_w)
+    (nll, correct), (dh, dws) = _forward(h, head_ids, targets, weights, token_weights, chunk,
+                                         fused, fused and grad_w)
     loss = jnp.sum(token_weights * nll)
-    return (loss, nll, correct), (saved, weights, nll, token_weights, dh, tuple(dws))
+    return (loss, nll, correct), ((h, head_ids, targets), weights, nll, token_weights, dh, tuple(dws))
 
 
 def _chunked_bwd(chunk, fused, res, cts):
-    saved, weights, nll, token_weights, dh, dws = res
+    (h, head_ids, targets), weights, nll, token_weights, dh, dws = res
     ct_loss, ct_nll, _ = cts
     zero = lambda c: isinstance(c, SymbolicZero)  # noqa: E731
     add = lambda a, b: b if a is None else a + b  # noqa: E731
@@ -226,11 +195,12 @@ def _chunked_bwd(chunk, fused, res, cts):
     if not zero(ct_nll):
         g_nll = add(g_nll, ct_nll)
     if g_nll is not None:
-        dh2, dws2 = _backward(saved, weights, g_nll, chunk)
+        # Any other per-slot cotangent: the same loops once more, weighting slot t by g_nll_t
+        # (the chunk logits are recomputed; nothing of size T x V was kept).
+        _, (dh2, dws2) = _forward(h, head_ids, targets, weights, g_nll, chunk, True, True)
         g_h = add(g_h, dh2)
         g_w = [add(a, b) for a, b in zip(g_w, dws2)]
-    hb = saved[0]
-    g_h = jnp.zeros((nll.shape[0], hb.shape[1]), hb.dtype) if g_h is None else g_h.astype(hb.dtype)
+    g_h = jnp.zeros(h.shape, h.dtype) if g_h is None else g_h.astype(h.dtype)
     g_w = tuple(jnp.zeros_like(w) if g is None else g.astype(w.dtype) for g, w in zip(g_w, weights))
     g_tw = None if zero(ct_loss) else ct_loss * nll
     return g_h, None, None, g_w, g_tw
