@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from fourm.model import layers
-from fourm.model.fourm_model import Encoded, FourM
+from fourm.model.fourm_model import Encoded, FourM, self_attention_mask
 
 
 def predict_grid(model: FourM, enc: Encoded, name: str, pos: jax.Array, valid: jax.Array) -> jax.Array:
@@ -42,20 +42,15 @@ def predict_grid(model: FourM, enc: Encoded, name: str, pos: jax.Array, valid: j
     valid = valid.astype(bool)
     y = model.mask_token[...].astype(jnp.float32) + model.position_embedding(name, "dec", pos)
     y = jnp.where(valid[..., None], y, 0.0)
-    q = pos.shape[1]
-    self_mask = valid[:, None, None, :] & jnp.ones((1, 1, q, 1), bool)
-    if model.spec.decoder_causal:
-        self_mask = self_mask & jnp.tril(jnp.ones((q, q), bool))[None, None]
+    causal = jnp.full(pos.shape, model.spec.decoder_causal)
+    self_mask = self_attention_mask(valid, causal)
     out = model.run_decoder(y, model.context(enc), self_mask, enc.valid[:, None, None, :])
     return model.logits(out, name)
 
 
 @struct.dataclass
 class DecodeCache:
-    k: jax.Array  # (L, B, T, H, hd) self-attention keys of the tokens so far
-    v: jax.Array
-    ck: jax.Array  # (L, B, S, H, hd) cross-attention keys/values of the context
-    cv: jax.Array
+    layers: layers.KVCache  # stacked over decoder layers: k, v (L, B, T, H, hd), ck, cv (L, B, S, H, hd)
     ctx_valid: jax.Array  # (B, S)
     length: jax.Array  # (B,) tokens in the cache; the next token goes to position `length`
     name: str = struct.field(pytree_node=False, default="")
@@ -83,46 +78,32 @@ def ar_prefill(model: FourM, enc: Encoded, name: str, ids: jax.Array, lengths: j
     pos = jnp.broadcast_to(jnp.arange(t0, dtype=jnp.int32), (bsz, t0))
     valid = pos < lengths[:, None]
     y = jnp.where(valid[..., None], _token_inputs(model, name, ids, pos), 0.0).astype(spec.dtype)
-    self_mask = (valid[:, None, :] & jnp.tril(jnp.ones((t0, t0), bool))[None])[:, None]
+    self_mask = self_attention_mask(valid, jnp.ones((bsz, t0), bool))
     cross_mask = enc.valid[:, None, None, :]
     context = model.context(enc)
-
-    def layer(blk, y, _):
-        q, k, v = blk.self_attn.qkv_heads(blk.norm1(y))
-        o = layers.attend(q, k, v, self_mask, blk.self_attn.impl, spec.dtype)
-        y = y + blk.self_attn.out(o).astype(y.dtype)
-        ck, cv = blk.context_kv(context)
-        return blk.finish(y, ck, cv, cross_mask), (k, v, ck, cv)
-
-    y, (k, v, ck, cv) = layers.run_stack(model.decoder, layer, y, scan=spec.scan_layers, remat="none")
+    y, kv = layers.run_stack(model.decoder, lambda blk, y, _: blk(y, context, self_mask, cross_mask), y,
+                             scan=spec.scan_layers, remat="none")
     y = model.decoder_norm(y)
     last = jnp.take_along_axis(y, jnp.clip(lengths - 1, 0, t0 - 1)[:, None, None], axis=1)[:, 0]
     pad = [(0, 0), (0, 0), (0, max_len - t0), (0, 0), (0, 0)]
-    cache = DecodeCache(jnp.pad(k, pad), jnp.pad(v, pad), ck, cv, enc.valid, lengths, name)
-    return model.logits(last, name), cache
+    kv = kv.replace(k=jnp.pad(kv.k, pad), v=jnp.pad(kv.v, pad))
+    return model.logits(last, name), DecodeCache(kv, enc.valid, lengths, name)
 
 
 def ar_step(model: FourM, cache: DecodeCache, ids: jax.Array) -> tuple[jax.Array, DecodeCache]:
     """Append token ids (B,) at position `cache.length`; logits (B, V) for the token after it."""
     spec, name = model.spec, cache.name
-    bsz, max_len = cache.k.shape[1], cache.k.shape[2]
+    bsz, max_len = cache.layers.k.shape[1], cache.layers.k.shape[2]
     pos = cache.length
     y = _token_inputs(model, name, ids[:, None], pos[:, None]).astype(spec.dtype)
-    self_mask = (jnp.arange(max_len)[None, :] <= pos[:, None])[:, None, None, :]
+    self_mask = self_attention_mask(jnp.ones((bsz, max_len), bool), jnp.ones((bsz, 1), bool), q_pos=pos[:, None])
     cross_mask = cache.ctx_valid[:, None, None, :]
-    rows = jnp.arange(bsz)
     slot = jnp.minimum(pos, max_len - 1)  # a full cache keeps overwriting its last row
 
     def layer(blk, y, kv):
-        k_all, v_all, ck, cv = kv
-        q, k, v = blk.self_attn.qkv_heads(blk.norm1(y))
-        k_all = k_all.at[rows, slot].set(k[:, 0].astype(k_all.dtype))
-        v_all = v_all.at[rows, slot].set(v[:, 0].astype(v_all.dtype))
-        o = layers.attend(q, k_all, v_all, self_mask, blk.self_attn.impl, spec.dtype)
-        y = y + blk.self_attn.out(o).astype(y.dtype)
-        return blk.finish(y, ck, cv, cross_mask), (k_all, v_all)
+        y, kv = blk(y, None, self_mask, cross_mask, cache=kv, write_at=slot)
+        return y, (kv.k, kv.v)  # the context keys/values stay as they are: no copy per step
 
-    y, (k, v) = layers.run_stack(model.decoder, layer, y, (cache.k, cache.v, cache.ck, cache.cv),
-                                 scan=spec.scan_layers, remat="none")
+    y, (k, v) = layers.run_stack(model.decoder, layer, y, cache.layers, scan=spec.scan_layers, remat="none")
     logits = model.logits(model.decoder_norm(y)[:, 0], name)
-    return logits, cache.replace(k=k, v=v, length=pos + 1)
+    return logits, cache.replace(layers=cache.layers.replace(k=k, v=v), length=pos + 1)

@@ -168,18 +168,14 @@ class FourM(nnx.Module):
     def decoder_self_mask(self, dec_mod: jax.Array, dec_valid: jax.Array) -> jax.Array:
         """(B, 1, N, N) bool: same modality, valid key, and causal (j <= i) for sequences."""
         spec = self.spec
-        n = dec_mod.shape[1]
-        same = dec_mod[:, :, None] == dec_mod[:, None, :]
         causal_kind = jnp.asarray([m.kind == "sequence" or spec.decoder_causal for m in spec.modalities])
         q_causal = causal_kind[jnp.clip(dec_mod, 0, len(spec.modalities) - 1)]
-        lower = jnp.tril(jnp.ones((n, n), bool))[None]
-        mask = same & dec_valid[:, None, :] & (~q_causal[:, :, None] | lower)
-        return mask[:, None]
+        return self_attention_mask(dec_valid, q_causal, same=dec_mod[:, :, None] == dec_mod[:, None, :])
 
     def run_decoder(self, y: jax.Array, context: jax.Array, self_mask, cross_mask) -> jax.Array:
         spec = self.spec
         y = constrain(y.astype(spec.dtype), ("batch", "seq", "act_embed"))
-        y, _ = layers.run_stack(self.decoder, lambda blk, c, _: (blk(c, context, self_mask, cross_mask), None),
+        y, _ = layers.run_stack(self.decoder, lambda blk, c, _: (blk(c, context, self_mask, cross_mask)[0], None),
                                 y, scan=spec.scan_layers, remat=spec.remat)
         return self.decoder_norm(y)
 
@@ -234,6 +230,24 @@ class FourM(nnx.Module):
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         return self.decode(self.encode(batch), batch)
+
+
+def self_attention_mask(key_valid: jax.Array, causal: jax.Array, *, same: jax.Array | None = None,
+                        q_pos: jax.Array | None = None) -> jax.Array:
+    """The decoder's self-attention mask (B, 1, Nq, Nk), True = query i may see key j.
+
+    Key j must be valid (`key_valid` (B, Nk)), in the same group as i when `same` (B, Nq, Nk) is
+    given, and, for causal queries (`causal` (B, Nq) bool), at a position <= the query's. Keys sit
+    at positions 0..Nk-1; queries too, unless `q_pos` (B, Nq) places them (new tokens appended to
+    a KV cache)."""
+    nq, nk = causal.shape[-1], key_valid.shape[-1]
+    if q_pos is None:
+        q_pos = jnp.arange(nq, dtype=jnp.int32)[None]
+    before = jnp.arange(nk, dtype=jnp.int32)[None, None, :] <= q_pos[:, :, None]
+    mask = key_valid[:, None, :] & (~causal[:, :, None] | before)
+    if same is not None:
+        mask = mask & same
+    return mask[:, None]
 
 
 def check_batch_shapes(spec: ModelSpec, batch: Mapping[str, Any], *, decoder: bool) -> None:

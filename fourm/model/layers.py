@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from fourm.model.sharding import constrain
 
@@ -99,8 +99,11 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-class SelfAttention(nnx.Module):
-    """Multi-head self-attention with fused qkv (4M's Attention / NormAttention with qk_norm)."""
+class Attention(nnx.Module):
+    """What self- and cross-attention share: the output projection, qk-norm, the attention kernel.
+
+    Subclasses own the input projections (fused qkv, or q plus fused kv; `init_inputs`): their
+    parameter names are the names 4M's checkpoints map onto (see `fourm.compat.ml4m`)."""
 
     def __init__(self, spec, rngs: nnx.Rngs):
         d, h = spec.dim, spec.num_heads
@@ -108,11 +111,8 @@ class SelfAttention(nnx.Module):
         pd = spec.param_dtype
         self.num_heads, self.head_dim, self.dtype = h, hd, spec.dtype
         self.impl = spec.attention_impl
-        # 4M initialises q, k and v like three separate (D, D) xavier matrices.
-        self.qkv = param(uniform(rngs, (d, 3, h, hd), xavier_bound(d, d), pd),
-                         ("embed", "qkv", "heads", "head_dim"))
-        self.qkv_bias = (param(jnp.zeros((3, h, hd), pd), ("qkv", "heads", "head_dim"))
-                         if spec.qkv_bias else None)
+        # Input projections draw their initial values first: a fixed seed keeps its parameters.
+        self.init_inputs(spec, rngs)
         self.proj = param(uniform(rngs, (h, hd, d), xavier_bound(d, d), pd),
                           ("heads", "head_dim", "embed"))
         self.proj_bias = param(jnp.zeros((d,), pd), ("embed",)) if spec.proj_bias else None
@@ -122,73 +122,68 @@ class SelfAttention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    def project(self, x: jax.Array, w, b) -> jax.Array:
+        y = dense(x.astype(self.dtype), cast(w, self.dtype))
+        return y if b is None else y + cast(b, self.dtype)
+
+    def attend_out(self, q, k, v, mask) -> jax.Array:
+        """Attention of q over (k, v), then the output projection: (B, Nq, H, hd) -> (B, Nq, D)."""
+        y = dense(attend(q, k, v, mask, self.impl, self.dtype), cast(self.proj, self.dtype), 2)
+        if self.proj_bias is not None:
+            y = y + cast(self.proj_bias, self.dtype)
+        return y
+
+
+def _fused_init(rngs, spec, n: int):
+    """(embed, n, heads, head_dim) kernel: 4M initialises each of the n parts like a separate
+    (D, D) xavier matrix; bias (n, heads, head_dim) or None."""
+    d, h, pd = spec.dim, spec.num_heads, spec.param_dtype
+    w = param(uniform(rngs, (d, n, h, d // h), xavier_bound(d, d), pd), ("embed", "qkv", "heads", "head_dim"))
+    b = param(jnp.zeros((n, h, d // h), pd), ("qkv", "heads", "head_dim")) if spec.qkv_bias else None
+    return w, b
+
+
+class SelfAttention(Attention):
+    """Multi-head self-attention with fused qkv (4M's Attention / NormAttention with qk_norm)."""
+
+    def init_inputs(self, spec, rngs: nnx.Rngs):
+        self.qkv, self.qkv_bias = _fused_init(rngs, spec, 3)
+
     def qkv_heads(self, x: jax.Array):
         """x (B, N, D) -> q, k, v (B, N, H, hd), qk-normed when configured."""
-        qkv = dense(x.astype(self.dtype), cast(self.qkv, self.dtype))
-        if self.qkv_bias is not None:
-            qkv = qkv + cast(self.qkv_bias, self.dtype)
+        qkv = self.project(x, self.qkv, self.qkv_bias)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def out(self, o: jax.Array) -> jax.Array:
-        y = dense(o, cast(self.proj, self.dtype), 2)
-        if self.proj_bias is not None:
-            y = y + cast(self.proj_bias, self.dtype)
-        return y
-
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        q, k, v = self.qkv_heads(x)
-        return self.out(attend(q, k, v, mask, self.impl, self.dtype))
+        return self.attend_out(*self.qkv_heads(x), mask)
 
 
-class CrossAttention(nnx.Module):
+class CrossAttention(Attention):
     """Multi-head cross-attention: queries from the decoder, keys/values from the context."""
 
-    def __init__(self, spec, rngs: nnx.Rngs):
-        d, h = spec.dim, spec.num_heads
-        hd = d // h
-        pd = spec.param_dtype
-        self.num_heads, self.head_dim, self.dtype = h, hd, spec.dtype
-        self.impl = spec.attention_impl
-        self.q = param(uniform(rngs, (d, h, hd), xavier_bound(d, d), pd),
+    def init_inputs(self, spec, rngs: nnx.Rngs):
+        d, h, pd = spec.dim, spec.num_heads, spec.param_dtype
+        self.q = param(uniform(rngs, (d, h, d // h), xavier_bound(d, d), pd),
                        ("embed", "heads", "head_dim"))
-        self.q_bias = param(jnp.zeros((h, hd), pd), ("heads", "head_dim")) if spec.qkv_bias else None
-        self.kv = param(uniform(rngs, (d, 2, h, hd), xavier_bound(d, d), pd),
-                        ("embed", "qkv", "heads", "head_dim"))
-        self.kv_bias = (param(jnp.zeros((2, h, hd), pd), ("qkv", "heads", "head_dim"))
-                        if spec.qkv_bias else None)
-        self.proj = param(uniform(rngs, (h, hd, d), xavier_bound(d, d), pd),
-                          ("heads", "head_dim", "embed"))
-        self.proj_bias = param(jnp.zeros((d,), pd), ("embed",)) if spec.proj_bias else None
-        if spec.qk_norm:
-            self.q_norm = LayerNorm(hd, eps=spec.norm_eps, use_bias=spec.norm_bias, param_dtype=pd)
-            self.k_norm = LayerNorm(hd, eps=spec.norm_eps, use_bias=spec.norm_bias, param_dtype=pd)
-        else:
-            self.q_norm = self.k_norm = None
+        self.q_bias = param(jnp.zeros((h, d // h), pd), ("heads", "head_dim")) if spec.qkv_bias else None
+        self.kv, self.kv_bias = _fused_init(rngs, spec, 2)
 
     def context_kv(self, ctx: jax.Array):
         """Normed context (B, S, D) -> k, v (B, S, H, hd); computed once per layer (and cached)."""
-        kv = dense(ctx.astype(self.dtype), cast(self.kv, self.dtype))
-        if self.kv_bias is not None:
-            kv = kv + cast(self.kv_bias, self.dtype)
+        kv = self.project(ctx, self.kv, self.kv_bias)
         k, v = kv[:, :, 0], kv[:, :, 1]
         if self.k_norm is not None:
             k = self.k_norm(k)
         return k, v
 
     def __call__(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        q = dense(x.astype(self.dtype), cast(self.q, self.dtype))
-        if self.q_bias is not None:
-            q = q + cast(self.q_bias, self.dtype)
+        q = self.project(x, self.q, self.q_bias)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        o = attend(q, k, v, mask, self.impl, self.dtype)
-        y = dense(o, cast(self.proj, self.dtype), 2)
-        if self.proj_bias is not None:
-            y = y + cast(self.proj_bias, self.dtype)
-        return y
+        return self.attend_out(q, k, v, mask)
 
 
 def attend(q, k, v, mask, impl: str, dtype) -> jax.Array:
@@ -265,6 +260,17 @@ class EncoderBlock(nnx.Module):
         return constrain(x, ("batch", "seq", "act_embed"))
 
 
+@struct.dataclass
+class KVCache:
+    """One decoder layer's keys/values: of the tokens so far (B, T, H, hd) and of the context
+    (B, S, H, hd). Stacked over layers (leading axis L) when a model holds it."""
+
+    k: jax.Array
+    v: jax.Array
+    ck: jax.Array
+    cv: jax.Array
+
+
 class DecoderBlock(nnx.Module):
     """Self-attention, cross-attention (query_norm / context_norm), MLP; all pre-norm."""
 
@@ -278,19 +284,27 @@ class DecoderBlock(nnx.Module):
         self.norm2 = LayerNorm(spec.dim, **ln)
         self.mlp = Mlp(spec, rngs)
 
-    def context_kv(self, context: jax.Array):
-        return self.cross_attn.context_kv(self.context_norm(context))
+    def __call__(self, x, context, self_mask, cross_mask, cache: KVCache | None = None,
+                 write_at: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """x (B, N, D) -> (x, cache).
 
-    def finish(self, x, ck, cv, cross_mask):
-        """Everything after self-attention (shared by the full pass and the cached step)."""
-        x = x + self.cross_attn(self.query_norm(x), ck, cv, cross_mask).astype(x.dtype)
+        Without `cache`: a full pass over x attending to `context` (B, S, D); the returned cache
+        holds this pass's keys/values (a prefill keeps them, a training step drops them and XLA
+        never materialises them). With `cache`: x holds one new token per row, its keys/values
+        are written at `write_at` (B,) into the cache, self-attention reads the whole cache and
+        cross-attention the cached context keys/values (`context` is unused)."""
+        q, k, v = self.self_attn.qkv_heads(self.norm1(x))
+        if cache is None:
+            ck, cv = self.cross_attn.context_kv(self.context_norm(context))
+            cache = KVCache(k, v, ck, cv)
+        else:
+            rows = jnp.arange(x.shape[0])
+            cache = cache.replace(k=cache.k.at[rows, write_at].set(k[:, 0].astype(cache.k.dtype)),
+                                  v=cache.v.at[rows, write_at].set(v[:, 0].astype(cache.v.dtype)))
+        x = x + self.self_attn.attend_out(q, cache.k, cache.v, self_mask).astype(x.dtype)
+        x = x + self.cross_attn(self.query_norm(x), cache.ck, cache.cv, cross_mask).astype(x.dtype)
         x = x + self.mlp(self.norm2(x)).astype(x.dtype)
-        return constrain(x, ("batch", "seq", "act_embed"))
-
-    def __call__(self, x, context, self_mask, cross_mask):
-        x = x + self.self_attn(self.norm1(x), self_mask).astype(x.dtype)
-        ck, cv = self.context_kv(context)
-        return self.finish(x, ck, cv, cross_mask)
+        return constrain(x, ("batch", "seq", "act_embed")), cache
 
 
 # ---------------------------------------------------------------------------------------------
