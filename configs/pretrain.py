@@ -111,7 +111,6 @@ def get_config(arg="tiny"):
     c.model.remat = "full"
     c.masking.input_budget = 128
     c.masking.target_budget = 128
-    c.masking.text.num_sentinels = 200  # 4M's text tokenizer: [S_0] .. [S_199]
     c.batch_size = 8192
     c.num_train_steps = 195_000
     c.optim.lr = 1e-4 * c.batch_size / 256  # 4M: blr 1e-4 scaled by batch / 256

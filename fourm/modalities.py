@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from fourm.text_layout import FOURM as FOURM_TEXT, ML4M as ML4M_TEXT, TextLayout
+
 Kind = Literal["grid", "pixels", "sequence"]
 
 
@@ -30,6 +32,11 @@ class Modality:
     channels: int | None = None  # pixels: input channels
     masking: Literal["grid", "span", "chunk"] = "grid"  # how masking treats it
     source: str = ""  # dataset field the tokens come from (e.g. "rgb", "caption")
+    text: TextLayout | None = None  # sequences: the reserved ids (PAD/EOS, sentinels) of its vocabulary
+
+    def __post_init__(self):
+        if self.kind == "sequence" and self.text is None:  # fourm's own text tokenizer's layout
+            object.__setattr__(self, "text", FOURM_TEXT)
 
     @property
     def num_tokens(self) -> int:
@@ -102,11 +109,11 @@ _register_fourm(224, 14, 16)
 
 TEXT_VOCAB = 4096  # default SentencePiece vocabulary of fourm's text tokenizer
 register(Modality("caption", "sequence", TEXT_VOCAB, max_length=64, tokenizer="sentencepiece:text",
-                  masking="span", source="caption"))
+                  masking="span", source="caption", text=FOURM_TEXT))
 register(Modality("det", "sequence", TEXT_VOCAB, max_length=64, tokenizer="sentencepiece:text",
-                  masking="span", source="boxes"))
+                  masking="span", source="boxes", text=FOURM_TEXT))
 register(Modality("metadata", "sequence", TEXT_VOCAB, max_length=48, tokenizer="sentencepiece:text",
-                  masking="chunk", source="metadata"))
+                  masking="chunk", source="metadata", text=FOURM_TEXT))
 
 # ---------------------------------------------------------------------------------------------
 # Official 4M / 4M-21 modalities (names and vocabularies of the released models).
@@ -121,7 +128,7 @@ for _res, _grid in ((224, 14), (448, 28)):
 for _name, _len, _masking in (("caption", 256, "span"), ("det", 256, "span"),
                               ("metadata", 40, "chunk")):
     register(Modality(_name, "sequence", 30000, max_length=_len, tokenizer="wordpiece:4m",
-                      masking=_masking, source=_name), "ml4m")
+                      masking=_masking, source=_name, text=ML4M_TEXT), "ml4m")
 
 # The modality set of 4M-7 (used for the published parameter counts).
 ML4M_7 = ["rgb@224", "tok_rgb@224", "tok_depth@224", "tok_normal@224", "tok_semseg@224",

@@ -15,7 +15,8 @@ import pytest
 from fourm import modalities as modreg
 from fourm.generate import chain
 from fourm.generate.chain import GenerationInputError, Generator, Partial, Target
-from fourm.generate.inputs import TextIds, prepare_pixels
+from fourm.generate.inputs import prepare_pixels
+from fourm.text_layout import TextLayout
 
 MODS = ["rgb@64", "tok_depth@64", "caption"]
 # Tests compile many small programs; XLA's optimisation passes would dominate their run time.
@@ -122,12 +123,12 @@ def test_partly_given_targets_keep_their_tokens(model, image):
     np.testing.assert_array_equal(out.tokens["tok_depth@64"][:, known], np.broadcast_to(given[known], (B, 24)))
     assert np.all(out.trace["tok_depth@64"]["decode_step"][:, known.reshape(-1)] == -1)
     # A caption given with a sentinel: only its span is generated; the rest is kept around it.
-    ids = TextIds()
+    ids = TextLayout()
     cap = gen.generate({"caption": np.array([150, 151, ids.sentinel(1), 152])},
                        [CAPTION], batch_size=B)
     gen_ids = cap.trace["caption"]
     for b in range(B):
-        span = [t for t in gen_ids["generated"][b, :gen_ids["length"][b]] if t not in (ids.eos, 6)]
+        span = [t for t in gen_ids["generated"][b, :gen_ids["length"][b]] if t not in (ids.eos_id, 6)]
         assert gen_ids["merged"][b][:2] == [150, 151] and gen_ids["merged"][b][-1] == 152
         assert gen_ids["merged"][b][2:-1] == span
 

@@ -16,6 +16,7 @@ import pytest
 from fourm.generate import autoregressive as ar
 from fourm.generate import maskgit, schedules
 from fourm.generate.sampling import Filter, filter_logits, guide, sample_tokens
+from fourm.text_layout import TextLayout, merge_spans
 
 B, N, V = 3, 24, 13
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -318,9 +319,10 @@ def test_autoregressive_stops_and_pads():
 
 
 def test_merge_spans():
+    lay = TextLayout(num_sentinels=4)  # [S_0] .. [S_3] = 4 .. 7
     S1, S2, S3 = 5, 6, 7
-    sent = {S1, S2, S3}
-    assert ar.merge_spans([S1], [S1, 10, 11, S2], sent) == [10, 11]
-    assert ar.merge_spans([20, S1, 21, S2], [S1, 10, S2, 12, 13, S3], sent) == [20, 10, 21, 12, 13]
-    assert ar.merge_spans([S1, 22], [S1, 10, EOS, S2], sent, drop_ids=[EOS]) == [10, 22]
-    assert ar.merge_spans([S1, S2], [S1, 10], sent) == [10]  # a span never generated is empty
+    assert merge_spans([S1], [S1, 10, 11, S2], lay) == [10, 11]
+    assert merge_spans([20, S1, 21, S2], [S1, 10, S2, 12, 13, S3], lay) == [20, 10, 21, 12, 13]
+    assert merge_spans([S1, 22], [S1, 10, EOS, S2], lay, drop_ids=[EOS]) == [10, 22]
+    assert merge_spans([S1, S2], [S1, 10], lay) == [10]  # a span never generated is empty
+    assert merge_spans([], [S1, 10, 11, S2], lay) == [10, 11]  # no input: the text is [S_1]'s span

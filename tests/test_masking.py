@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import numpy as np
@@ -18,16 +19,15 @@ from fourm.masking import (
     MaskingInputError,
     MaskingTransform,
     MixtureComponent,
-    TextSpecials,
     allocate,
     collate,
     default_config,
-    merge_spans,
 )
 from fourm.masking import spans
 from fourm.modalities import Modality
+from fourm.text_layout import ML4M, TextLayout, merge_spans
 
-SP = TextSpecials()
+SP = TextLayout()
 CHUNK_RANGE = (200, 220)  # "field" ids that start a metadata chunk in the synthetic vocab
 SEQ_VOCAB = 300
 PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -151,7 +151,7 @@ def check_invariants(t: MaskingTransform, sample, raw, out, info):
             assert (out["dec_pos"][d] == np.arange(len(d))).all()
             original = expected_tokens(raw[m.name], m.max_length)
             full = info.full_targets[m.name]
-            assert merge_spans(inp, full, SP).tolist() == original  # spans + input = the text
+            assert merge_spans(inp, full, SP) == original  # spans + input = the text
             assert full[0] == SP.sentinel(1) and SP.is_sentinel(full[-1:]).all()
             if len(d):
                 emitted = np.concatenate([out["dec_ids"][d[:1]], out["dec_targets"][d]])
@@ -262,7 +262,7 @@ def ml4m_batch(shared_dir):
 
 def test_span_format_matches_ml4m_fixture(ml4m_batch):
     batch, expected = ml4m_batch
-    sp = TextSpecials(num_sentinels=200)
+    sp = ML4M
     for b in range(2):
         raw = batch["raw/caption_ids"][b]
         tokens = raw[raw >= 0].astype(np.int32)  # includes ml-4m's [EOS]
@@ -285,7 +285,8 @@ def test_ml4m_modalities_on_fixture_data(ml4m_batch):
               "tok_rgb@224": dict(input_alphas=[0.0, 0.5], target_alphas=[0.5, 0.5]),
               "tok_depth@224": dict(input_alphas=[0.0, 0.5], target_alphas=[0.5, 0.5]),
               "caption": dict(input_alphas=[0.0, 0.5], target_alphas=[0.5, 0.5], keep=["random", "random"])}
-    t = MaskingTransform(mods, 128, 128, alphas, specials=TextSpecials(num_sentinels=200))
+    assert all(m.text == ML4M for m in mods if m.kind == "sequence")  # carried by the modality
+    t = MaskingTransform(mods, 128, 128, alphas)
     outs = []
     for b in range(2):
         raw = batch["raw/caption_ids"][b]
@@ -388,7 +389,7 @@ def test_bad_configs():
     with pytest.raises(ValueError, match=r"both input_only and target_only: \['caption'\]"):
         MaskingTransform(mods, 32, 32, input_only=["caption"], target_only=["caption"])
     with pytest.raises(ValueError, match=r"'caption' \(max_length 64\) can need sentinel \[S_33\]"):
-        MaskingTransform(mods, 32, 32, specials=TextSpecials(num_sentinels=20))
+        MaskingTransform([dataclasses.replace(m, text=TextLayout(num_sentinels=20)) for m in mods], 32, 32)
     with pytest.raises(ValueError, match="unknown mixture preset 'some2all'"):
         MaskingTransform(mods, 32, 32, "all2all,some2all")
     meta = modalities.resolve(["tok_rgb@64", "metadata"])

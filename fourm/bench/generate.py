@@ -60,13 +60,11 @@ def main(argv):
     import numpy as np
 
     from fourm.generate.chain import Generator, Target
-    from fourm.generate.inputs import TextIds
 
     model = build()
-    ids4m = TextIds(num_sentinels=200)
     rows = []
     for loop in FLAGS.loops:
-        gen = Generator(model, loop=loop, text_ids=ids4m)
+        gen = Generator(model, loop=loop)
         for b in (int(x) for x in FLAGS.batch):
             img = np.random.default_rng(b).integers(0, 256, (b, 224, 224, 3), dtype=np.uint8)
             depth = Target("tok_depth@224", steps=FLAGS.steps, temperature=1.0)
@@ -88,7 +86,7 @@ def main(argv):
                   f"wall / {cpu_ch:.3f} s CPU (first {c_ch:.1f} s) | generated {n_cap} tokens",
                   flush=True)
             if FLAGS.no_cache_caption:
-                slow = Generator(model, loop=loop, text_ids=ids4m, kv_cache=False)
+                slow = Generator(model, loop=loop, kv_cache=False)
                 c_nc, t_nc, cpu_nc = _time(
                     lambda: slow.generate({"rgb@224": img}, [depth, cap], seed=0), FLAGS.repeats)
                 print(f"[{loop:8s}] batch {b}: chain without KV cache (the reference's algorithm "

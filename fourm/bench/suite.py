@@ -196,7 +196,6 @@ def bench_generate(c) -> list[Result]:
     from fourm import modalities as modreg
     from fourm.data.scenes import generate_scene
     from fourm.generate.chain import Generator, Target
-    from fourm.generate.inputs import TextIds
     from fourm.model import build_model
 
     mods = modreg.resolve(list(c.model.modalities), c.model.family)
@@ -206,12 +205,10 @@ def bench_generate(c) -> list[Result]:
     g = c.generate
     side = rgb.grid[0] * rgb.patch_size
     img = np.repeat(generate_scene(0, 0, side)["rgb"][None], g.batch, axis=0)
-    # 4M's checkpoints reserve 200 sentinels; fourm's text tokenizer the TextIds default.
-    text_ids = TextIds(num_sentinels=200) if c.model.family == "ml4m" else TextIds()
     out = []
     for size in g.sizes:
         cfg = model_config(c, size)
-        gen = Generator(build_model(cfg, seed=0), loop=g.loop, text_ids=text_ids)
+        gen = Generator(build_model(cfg, seed=0), loop=g.loop)
         t_depth = Target(depth.name, steps=g.steps, temperature=1.0)
         t_cap = Target(caption.name, max_new_tokens=g.caption_tokens, temperature=0.0)
         last = {}

@@ -30,6 +30,7 @@ from flax import nnx
 
 from fourm import modalities as modreg
 from fourm.modalities import Modality
+from fourm.text_layout import ML4M as ML4M_TEXT
 from fourm.model.embeddings import fixed_pos_table
 from fourm.model.fourm_model import FourM
 from fourm.model.pretrained import CheckpointError, assign_params, read_safetensors, save_pretrained
@@ -60,11 +61,11 @@ _EXTRA = [
     Modality("tok_imagebind_global", "grid", 8192, (4, 4), tokenizer="vq:imagebind_global",
              source="imagebind_global"),
     Modality("human_poses", "sequence", 30000, max_length=263, tokenizer="wordpiece:4m", masking="span",
-             source="human_poses"),
+             source="human_poses", text=ML4M_TEXT),
     Modality("color_palette", "sequence", 30000, max_length=23, tokenizer="wordpiece:4m", masking="span",
-             source="color_palette"),
+             source="color_palette", text=ML4M_TEXT),
     Modality("sam_instance", "sequence", 30000, max_length=290, tokenizer="wordpiece:4m", masking="span",
-             source="sam_instance"),
+             source="sam_instance", text=ML4M_TEXT),
 ]
 LEARNED_POS = ("tok_dinov2_global", "tok_imagebind_global")  # 4M: sincos_pos_emb=False
 UNSUPPORTED = {"t5_caption": "a T5-XXL embedding input (seq_emb) that needs an external T5 encoder"}

@@ -58,14 +58,13 @@ def check_generation(model, fixture_dir: str | Path, *, loop: str = "auto",
                      compiler_options: dict | None = None) -> dict[str, Any]:
     """Run the fixture's generation runs on a converted 4M model (a `FourM` with the fixture's
     modalities) and compare. Returns {run: {...figures...}, "ok": bool}."""
-    from fourm.generate.chain import Generator, Normalised, TextIds
+    from fourm.generate.chain import Generator, Normalised
 
     fixture_dir = Path(fixture_dir)
     g, runs = _load(fixture_dir)
     cond = {"rgb@224": Normalised(np.transpose(g["cond/rgb@224/tensor"], (0, 2, 3, 1)))}
-    # 4M's text layout: [S_i] = 4 + i, 200 sentinels, EOS = 3.
-    gen = Generator(model, loop=loop, text_ids=TextIds(num_sentinels=200),
-                    compiler_options=compiler_options)
+    # 4M's text layout (200 sentinels) comes with the model's ml4m sequence modalities.
+    gen = Generator(model, loop=loop, compiler_options=compiler_options)
     report: dict[str, Any] = {}
     for key, target in _targets(runs, g).items():
         out = gen.generate(cond, [target], seed=0, return_trace=True)

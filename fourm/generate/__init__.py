@@ -7,7 +7,7 @@ Modules:
   schedules       tokens per step (cosine / linear / constant), temperature and guidance schedules
   sampling        top-k / top-p filtering, temperature sampling, guidance arithmetic
   maskgit         MaskGIT and ROAR iterative decoding of image-like targets (lax.scan)
-  autoregressive  KV-cached autoregressive decoding of sequences (lax.while_loop), span merging
+  autoregressive  KV-cached autoregressive decoding of sequences (lax.while_loop)
   model_fns       the model side: logits functions over `FourM` (+ `fourm.model.decoding`)
   inputs          conditions -> per-modality state -> encoder slots
   chain           the Python API: `Generator`, `Target`, `generate`
@@ -15,8 +15,8 @@ Modules:
 """
 
 from fourm.generate.chain import (Generation, GenerationInputError, Generator, Normalised, Partial,
-                                  Target, TextIds, generate)
+                                  Target, generate)
 from fourm.generate.sampling import Filter
 
 __all__ = ["Filter", "Generation", "GenerationInputError", "Generator", "Normalised", "Partial",
-           "Target", "TextIds", "generate"]
+           "Target", "generate"]

@@ -14,7 +14,7 @@ per token), used to test that both paths agree.
 
 Decoding stops for a sample at its first stop token (the closing sentinel or EOS) and for the
 batch when every sample has stopped or `max_new_tokens` is reached; positions after a stop hold
-`pad_id`. `merge_spans` fills the generated spans back into an input that has sentinels.
+`pad_id`. `fourm.text_layout.merge_spans` fills the generated spans back into the input's sentinels.
 """
 
 from __future__ import annotations
@@ -96,37 +96,3 @@ def no_cache_step(full_fn: Callable[[jax.Array], jax.Array], batch: int, max_len
         return jnp.take(logits, pos, axis=-2), buf
 
     return step_fn, jnp.full((batch, max_len), pad_id, jnp.int32)
-
-
-# ------------------------------------------------------------------------------------------
-# Host-side span handling (T5 / 4M sentinels).
-# ------------------------------------------------------------------------------------------
-def split_by_sentinel(ids: Iterable[int], sentinel_ids: set[int]) -> dict[int | None, list[int]]:
-    """Group a decoder sequence `[S_a] span_a [S_b] span_b ...` into {S_a: span_a, ...}."""
-    spans: dict[int | None, list[int]] = {}
-    current = None
-    for tok in ids:
-        tok = int(tok)
-        if tok in sentinel_ids:
-            current = tok
-            spans.setdefault(current, [])
-        else:
-            spans.setdefault(current, []).append(tok)
-    return spans
-
-
-def merge_spans(input_ids: Sequence[int], generated: Sequence[int], sentinel_ids: set[int],
-                drop_ids: Iterable[int] = ()) -> list[int]:
-    """Replace each sentinel of `input_ids` with the span the decoder generated after the same
-    sentinel (a sentinel without a generated span becomes empty). `drop_ids` (e.g. EOS, PAD)
-    are removed from the spans."""
-    drop = set(int(d) for d in drop_ids)
-    spans = split_by_sentinel(generated, sentinel_ids)
-    out: list[int] = []
-    for tok in input_ids:
-        tok = int(tok)
-        if tok in sentinel_ids:
-            out.extend(t for t in spans.get(tok, []) if t not in drop)
-        else:
-            out.append(tok)
-    return out

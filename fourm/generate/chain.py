@@ -28,12 +28,13 @@ from flax import nnx
 
 from fourm.generate import autoregressive as ar
 from fourm.generate import maskgit, model_fns, schedules
-from fourm.generate.inputs import (GenerationInputError, ModState, Normalised, Partial, TextIds,
+from fourm.generate.inputs import (GenerationInputError, ModState, Normalised, Partial,
                                    broadcast_states, condition_slots, pack_sequences, prepare_grid,
                                    prepare_pixels, prepare_sequence)
 from fourm.generate.sampling import Filter
+from fourm.text_layout import merge_spans
 
-__all__ = ["Generator", "Generation", "Target", "Partial", "Normalised", "TextIds",
+__all__ = ["Generator", "Generation", "Target", "Partial", "Normalised",
            "GenerationInputError", "generate"]
 
 
@@ -147,13 +148,13 @@ class Generator:
       serves every sequence modality. resize: resize wrong-size images with a notice (else error).
     loop: "auto" (exact shapes per MaskGIT/ROAR step when every sample has the same number of
       known tokens; else a lax.scan), "scan" or "unrolled". kv_cache: False re-runs the decoder
-      per token (the reference algorithm; for checks). text_ids: reserved text ids when no
-      text tokenizer is given (4M's checkpoints: TextIds(num_sentinels=200)). compiler_options:
+      per token (the reference algorithm; for checks). The reserved text ids (EOS, sentinels)
+      are each sequence modality's own (`Modality.text`). compiler_options:
       XLA options for the stages (e.g. {"xla_backend_optimization_level": 0} to compile fast).
     """
 
     def __init__(self, model, tokenizers: Mapping[str, Any] | None = None, *, resize: bool = True,
-                 loop: str = "auto", kv_cache: bool = True, text_ids: TextIds | None = None,
+                 loop: str = "auto", kv_cache: bool = True,
                  compiler_options: Mapping[str, Any] | None = None):
         if loop not in ("auto", "scan", "unrolled"):
             raise ValueError(f"loop must be auto, scan or unrolled, got {loop!r}")
@@ -168,7 +169,6 @@ class Generator:
                 self.text_tokenizer = tok
             else:
                 self.image_tokenizers[key] = tok
-        self.text_ids = text_ids or TextIds.of(self.text_tokenizer)
         check_tokenizers(self.spec, self.image_tokenizers, self.text_tokenizer)
 
     # -- validation ----------------------------------------------------------------------
@@ -211,7 +211,7 @@ class Generator:
                 states[name] = prepare_grid(m, value, self.image_tokenizers.get(name),
                                             resize=self.resize, notices=notices)
             else:
-                states[name] = prepare_sequence(m, value, self.text_tokenizer, self.text_ids)
+                states[name] = prepare_sequence(m, value, self.text_tokenizer)
         return broadcast_states(states, batch_size)
 
     # -- main entry ----------------------------------------------------------------------
@@ -306,10 +306,10 @@ class Generator:
     # -- sequence targets ----------------------------------------------------------------
     def _run_sequence(self, t: Target, states, batch, key):
         m = self.spec.modality(t.name)
-        ids = self.text_ids
+        ids = m.text
         own = states.get(t.name)
         if own is None:  # nothing given: the input is a lone [S_1] (4M's empty sequence)
-            own = pack_sequences(m, [[ids.sentinel(1)]] * batch, ids.pad)
+            own = pack_sequences(m, [[ids.sentinel(1)]] * batch)
         rows = [[int(x) for x in r[k]] for r, k in zip(own.ids, own.known)]
         sents = [[x for x in r if x in ids.sentinel_ids] for r in rows]
         if any(not s for s in sents):
@@ -320,7 +320,7 @@ class Generator:
         stops = {max(s) + 1 for s in sents}
         if len(stops) != 1:
             raise GenerationInputError(f"target {t.name!r}: samples have different sentinel counts")
-        stop_ids = (stops.pop(),) + ((ids.eos,) if all(r[-1] in ids.sentinel_ids for r in rows) else ())
+        stop_ids = (stops.pop(),) + ((ids.eos_id,) if all(r[-1] in ids.sentinel_ids for r in rows) else ())
         max_new = int(t.max_new_tokens or (m.max_length - 1))
         if not 1 <= max_new <= m.max_length:
             raise GenerationInputError(f"target {t.name!r}: max_new_tokens={max_new} outside "
@@ -333,13 +333,13 @@ class Generator:
             else np.zeros((max_new, 0), np.float32)
         cond = condition_slots(self.spec, states, cond_names, removed, batch)
         res = self._seq_fn(self.graphdef, self.state, cond, own.ids, own.known, start, key, temps,
-                         guidance, name=t.name, max_new=max_new, stop_ids=stop_ids, pad_id=ids.pad,
+                         guidance, name=t.name, max_new=max_new, stop_ids=stop_ids, pad_id=ids.pad_id,
                          flt=t.filter(), groups=len(removed), use_cache=self.kv_cache)
         gen = np.asarray(res.tokens)
         lengths = np.asarray(res.length)
-        merged = [ar.merge_spans(r, [s] + g[:n].tolist(), ids.sentinel_ids)[: m.max_length]
+        merged = [merge_spans(r, [s] + g[:n].tolist(), ids)[: m.max_length]
                   for r, s, g, n in zip(rows, start, gen, lengths)]
-        out = pack_sequences(m, merged, ids.pad)
+        out = pack_sequences(m, merged)
         tr = {"generated": gen, "length": lengths, "stopped": np.asarray(res.stopped),
               "step_logp": np.asarray(res.logp), "merged": merged}
         return out, tr
@@ -352,7 +352,7 @@ class Generator:
             if m.kind == "sequence":
                 tokens[t.name] = st.ids
                 if self.text_tokenizer is not None:
-                    drop = {self.text_ids.eos, self.text_ids.pad}
+                    drop = {m.text.eos_id, m.text.pad_id}
                     text[t.name] = [self.text_tokenizer.decode([int(x) for x in r if x not in drop])
                                     for r in trace[t.name]["merged"]]
             else:
@@ -380,16 +380,21 @@ def check_tokenizers(spec, image_tokenizers: Mapping[str, Any], text_tokenizer) 
                 f"{grid} and vocabulary {vocab}")
     if text_tokenizer is not None:
         vocab = getattr(text_tokenizer, "vocab_size", None)
+        layout = getattr(text_tokenizer, "layout", None)
         for m in spec.modalities:
             if m.kind == "sequence" and vocab is not None and int(vocab) != m.vocab_size:
                 raise GenerationInputError(
                     f"checkpoint and text tokenizer disagree on {m.name!r}: model vocabulary "
                     f"{m.vocab_size}, tokenizer vocabulary {int(vocab)}")
+            if m.kind == "sequence" and layout is not None and layout.num_sentinels != m.text.num_sentinels:
+                raise GenerationInputError(
+                    f"checkpoint and text tokenizer disagree on {m.name!r}: model layout has "
+                    f"{m.text.num_sentinels} sentinels, tokenizer {layout.num_sentinels}")
 
 
 def generate(model, conditions: Mapping[str, Any], targets: Sequence[Target | str], *,
              tokenizers: Mapping[str, Any] | None = None, seed: int = 0, **kw) -> Generation:
     """One-shot `Generator(model, tokenizers).generate(conditions, targets, seed=seed, ...)`."""
-    gen_kw = {k: kw.pop(k) for k in ("resize", "loop", "kv_cache", "text_ids", "compiler_options")
+    gen_kw = {k: kw.pop(k) for k in ("resize", "loop", "kv_cache", "compiler_options")
               if k in kw}
     return Generator(model, tokenizers, **gen_kw).generate(conditions, targets, seed=seed, **kw)

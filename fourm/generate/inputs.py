@@ -66,32 +66,6 @@ class ModState:
         return ModState(r(self.ids), r(self.known), r(self.pixels))
 
 
-@dataclasses.dataclass(frozen=True)
-class TextIds:
-    """The reserved ids a sequence modality uses (fourm's text tokenizer and 4M's agree)."""
-
-    pad: int = 0
-    eos: int = 3
-    sentinel_base: int = 4  # [S_i] = sentinel_base + i
-    num_sentinels: int = 100
-
-    def sentinel(self, i: int) -> int:
-        return self.sentinel_base + i
-
-    @property
-    def sentinel_ids(self) -> set[int]:
-        return set(range(self.sentinel_base, self.sentinel_base + self.num_sentinels))
-
-    @classmethod
-    def of(cls, text_tokenizer) -> "TextIds":
-        if text_tokenizer is None:
-            return cls()
-        layout = getattr(text_tokenizer, "layout", None)
-        n = getattr(layout, "num_sentinels", None) or getattr(text_tokenizer, "num_sentinels", 100)
-        return cls(pad=int(getattr(text_tokenizer, "pad_id", 0)),
-                   eos=int(getattr(text_tokenizer, "eos_id", 3)), num_sentinels=int(n))
-
-
 # ------------------------------------------------------------------------------------------
 # Batch size: each condition may be one sample (broadcast) or a batch; all batches must agree.
 # ------------------------------------------------------------------------------------------
@@ -201,33 +175,33 @@ def prepare_grid(mod: Modality, value, tokenizer, *, resize: bool,
     return ModState(np.ascontiguousarray(ids, np.int32), np.ascontiguousarray(known))
 
 
-def encode_text(mod: Modality, text: str, text_tokenizer, ids: TextIds) -> list[int]:
+def encode_text(mod: Modality, text: str, text_tokenizer) -> list[int]:
     """Text -> encoder input ids in 4M's format: the words, then EOS unless the text ends with a
     sentinel (a masked final span, whose generated content ends with EOS)."""
     if text_tokenizer is None:
         raise GenerationInputError(f"condition {mod.name!r} is text but no text tokenizer was given")
     toks = [int(t) for t in text_tokenizer.encode(text, allow_empty=True)]
-    if not toks or toks[-1] not in ids.sentinel_ids:
-        toks.append(ids.eos)
+    if not toks or toks[-1] not in mod.text.sentinel_ids:
+        toks.append(mod.text.eos_id)
     return toks
 
 
-def prepare_sequence(mod: Modality, value, text_tokenizer, ids: TextIds) -> ModState:
+def prepare_sequence(mod: Modality, value, text_tokenizer) -> ModState:
     if isinstance(value, str):
-        rows = [encode_text(mod, value, text_tokenizer, ids)]
+        rows = [encode_text(mod, value, text_tokenizer)]
     elif isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
-        rows = [encode_text(mod, v, text_tokenizer, ids) for v in value]
+        rows = [encode_text(mod, v, text_tokenizer) for v in value]
     else:
         a = np.asarray(value)
         if not np.issubdtype(a.dtype, np.integer) or a.ndim not in (1, 2):
             raise GenerationInputError(f"condition {mod.name!r}: expected text or token ids [L] / "
                                        f"[B, L], got {a.dtype}{list(a.shape)}")
         a = a[None] if a.ndim == 1 else a
-        rows = [[int(t) for t in r if t != ids.pad] for r in a]
-    return pack_sequences(mod, rows, ids.pad)
+        rows = [[int(t) for t in r if t != mod.text.pad_id] for r in a]
+    return pack_sequences(mod, rows)
 
 
-def pack_sequences(mod: Modality, rows: Sequence[Sequence[int]], pad: int) -> ModState:
+def pack_sequences(mod: Modality, rows: Sequence[Sequence[int]]) -> ModState:
     """Left-packed [B, W] ids (W = longest row rounded up to SEQ_BUCKET) and their valid mask."""
     batch = len(rows)
     longest = max(len(r) for r in rows)
@@ -240,7 +214,7 @@ def pack_sequences(mod: Modality, rows: Sequence[Sequence[int]], pad: int) -> Mo
             raise GenerationInputError(f"condition {mod.name!r}: token ids {bad[:5]} outside "
                                        f"[0, {mod.vocab_size})")
     width = min(mod.max_length, max(SEQ_BUCKET, -(-longest // SEQ_BUCKET) * SEQ_BUCKET))
-    out = np.full((batch, width), pad, np.int32)
+    out = np.full((batch, width), mod.text.pad_id, np.int32)
     known = np.zeros((batch, width), bool)
     for b, r in enumerate(rows):
         out[b, :len(r)] = r

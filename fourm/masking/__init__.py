@@ -25,7 +25,6 @@ Deliberate differences (none changes the batch format):
 """
 
 from fourm.masking.budgets import MixtureComponent, allocate, draw_proportions
-from fourm.masking.spans import TextSpecials, merge_spans
 from fourm.masking.transform import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -40,6 +39,6 @@ from fourm.masking.transform import (
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "GrainMasking", "MaskingInputError", "MaskInfo", "MaskingTransform",
-    "MixtureComponent", "TextSpecials", "allocate", "collate", "default_config", "draw_proportions",
-    "merge_spans", "normalise_pixels",
+    "MixtureComponent", "allocate", "collate", "default_config", "draw_proportions",
+    "normalise_pixels",
 ]

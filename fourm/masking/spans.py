@@ -9,37 +9,17 @@ and ends with the next sentinel:
     input   a [S_1] d [S_2]
     target  [S_1] b c [S_2] e [EOS] [S_3]
 
-Sentinels are numbered from 1 (`[S_i] = sentinel_base + i`, so `[S_1]` = 5 with 4M's layout).
+Sentinels are numbered from 1 (`[S_i] = sentinel_base + i`, so `[S_1]` = 5 with 4M's layout);
+the ids come from the modality's `fourm.text_layout.TextLayout`, whose `merge_spans` inverts this.
 In the decoder, target[i] is the teacher-forcing input that predicts target[i+1]: a target of T
 tokens costs T - 1 decoder slots (ml-4m drops the last token from the decoder the same way).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class TextSpecials:
-    """Special ids of the text vocabulary (fourm's SentencePiece follows 4M's layout)."""
-
-    pad_id: int = 0
-    eos_id: int = 3
-    sentinel_base: int = 4  # [S_i] = sentinel_base + i, i in [0, num_sentinels)
-    num_sentinels: int = 100
-    sos_id: int = 2
-
-    def sentinel(self, i):
-        return self.sentinel_base + i
-
-    def is_sentinel(self, ids: np.ndarray) -> np.ndarray:
-        return (ids >= self.sentinel_base) & (ids < self.sentinel_base + self.num_sentinels)
-
-    def is_reserved(self, ids: np.ndarray) -> np.ndarray:
-        """Ids that must not occur in raw text: PAD, SOS, EOS (we add it) and sentinels."""
-        return (ids == self.pad_id) | (ids == self.sos_id) | (ids == self.eos_id) | self.is_sentinel(ids)
+from fourm.text_layout import TextLayout
 
 
 def max_sentinels_needed(max_length: int) -> int:
@@ -122,7 +102,7 @@ def choose_kept_units(unit_len: np.ndarray, input_budget: int, p_keep: float,
     return options[n]
 
 
-def span_mask(tokens: np.ndarray, unit: np.ndarray, kept_units: np.ndarray, specials: TextSpecials,
+def span_mask(tokens: np.ndarray, unit: np.ndarray, kept_units: np.ndarray, layout: TextLayout,
               empty_input: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(input ids, full target ids) for the given kept units; vectorised (no per-token loop).
 
@@ -131,7 +111,7 @@ def span_mask(tokens: np.ndarray, unit: np.ndarray, kept_units: np.ndarray, spec
     masked = ~kept_units[unit]
     starts = masked & ~np.concatenate([[False], masked[:-1]])
     run = np.cumsum(starts)
-    sentinels = specials.sentinel(run).astype(np.int32)
+    sentinels = layout.sentinel(run).astype(np.int32)
     n_runs = int(run[-1]) if len(run) else 0
     if empty_input:
         inp = np.zeros(0, np.int32)
@@ -140,11 +120,11 @@ def span_mask(tokens: np.ndarray, unit: np.ndarray, kept_units: np.ndarray, spec
     # Target: interleave (sentinel if a run starts here, token if masked) and read the chosen slots.
     pairs = np.stack([sentinels, tokens.astype(np.int32)], axis=1).ravel()
     chosen = np.stack([starts, masked], axis=1).ravel()
-    tgt = np.concatenate([pairs[chosen], np.array([specials.sentinel(n_runs + 1)], np.int32)])
+    tgt = np.concatenate([pairs[chosen], np.array([layout.sentinel(n_runs + 1)], np.int32)])
     return inp, tgt
 
 
-def crop_target(target: np.ndarray, slots: int, specials: TextSpecials,
+def crop_target(target: np.ndarray, slots: int, layout: TextLayout,
                 rng: np.random.Generator) -> np.ndarray:
     """Cut a target to at most `slots` decoder slots (`slots + 1` tokens), starting at a sentinel.
 
@@ -157,26 +137,9 @@ def crop_target(target: np.ndarray, slots: int, specials: TextSpecials,
     if len(target) - 1 <= slots:
         return target
     length = slots + 1
-    sent = np.flatnonzero(specials.is_sentinel(target))
+    sent = np.flatnonzero(layout.is_sentinel(target))
     start = int(sent[rng.integers(max(1, len(sent) - 1))])
     if len(target) - start >= length:
         return target[start:start + length]
     first_fit = int(sent[np.argmax(len(target) - sent <= length)])  # the closing sentinel always fits
     return target[first_fit:]
-
-
-def merge_spans(inp: np.ndarray, target: np.ndarray, specials: TextSpecials) -> np.ndarray:
-    """Inverse of `span_mask` (for tests and inspection): put each target span back at its sentinel."""
-    if len(inp) == 0:  # input budget 0: the whole text is the first span
-        inp = np.array([specials.sentinel(1)], np.int32)
-    spans, cur = {}, None
-    for t in target.tolist():
-        if specials.is_sentinel(np.array(t)):
-            cur = t
-            spans.setdefault(cur, [])
-        else:
-            spans[cur].append(t)
-    out = []
-    for t in inp.tolist():
-        out.extend(spans.get(t, []) if specials.is_sentinel(np.array(t)) else [t])
-    return np.array(out, np.int32)

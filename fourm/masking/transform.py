@@ -25,7 +25,6 @@ import numpy as np
 from fourm import modalities as modreg
 from fourm.batch import DEC_KEYS, ENC_KEYS, PIXELS_PREFIX
 from fourm.masking import budgets, spans
-from fourm.masking.spans import TextSpecials
 
 # 4M's RGBTransform(imagenet_default_mean_and_std=True): x in [0, 1], then (x - mean) / std.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -80,7 +79,7 @@ class MaskingTransform:
     def __init__(self, modalities: Sequence[modreg.Modality | str], input_budget: int,
                  target_budget: int, mixture="all2all,rgb2all", *, alpha: float = 0.5,
                  keep: str = "random", weights: Sequence[float] | None = None,
-                 specials: TextSpecials = TextSpecials(), input_only: Sequence[str] = (),
+                 input_only: Sequence[str] = (),
                  target_only: Sequence[str] = (), chunk_start_range: tuple[int, int] | None = None,
                  redistribute: bool = True, strict_budgets: bool = True, strict_keys: bool = True):
         self.modalities = [modreg.get(m) if isinstance(m, str) else m for m in modalities]
@@ -92,7 +91,6 @@ class MaskingTransform:
         if self.input_budget < 1 or self.target_budget < 0:
             raise ValueError(f"input_budget must be >= 1 and target_budget >= 0, "
                              f"got {input_budget} and {target_budget}")
-        self.specials = specials
         self.input_only, self.target_only = tuple(input_only), tuple(target_only)
         for role, group in (("input_only", self.input_only), ("target_only", self.target_only)):
             if set(group) - set(names):
@@ -126,10 +124,10 @@ class MaskingTransform:
             if not m.max_length or m.max_length < 1:
                 raise ValueError(f"sequence modality {m.name!r} needs max_length >= 1, got {m.max_length}")
             need = spans.max_sentinels_needed(m.max_length)
-            s = self.specials
+            s = m.text
             if need >= s.num_sentinels:
                 raise ValueError(f"{m.name!r} (max_length {m.max_length}) can need sentinel [S_{need}], "
-                                 f"but specials.num_sentinels is {s.num_sentinels}")
+                                 f"but its text layout has num_sentinels {s.num_sentinels}")
             if s.sentinel(need) >= m.vocab_size or max(s.pad_id, s.eos_id) >= m.vocab_size:
                 raise ValueError(f"{m.name!r}: vocab_size {m.vocab_size} cannot hold the special ids "
                                  f"(sentinels up to {s.sentinel(need)})")
@@ -179,7 +177,7 @@ class MaskingTransform:
         mixture = cfg.alphas.to_dict() if cfg.get("alphas") is not None else cfg.mixture
         return cls(modalities, cfg.input_budget, cfg.target_budget, mixture, alpha=cfg.alpha,
                    keep=cfg.keep, weights=[float(w) for w in cfg.weights] or None,
-                   specials=TextSpecials(**cfg.text.to_dict()), input_only=tuple(cfg.input_only),
+                   input_only=tuple(cfg.input_only),
                    target_only=tuple(cfg.target_only),
                    chunk_start_range=tuple(int(v) for v in cfg.chunk_start_range) or None,
                    redistribute=cfg.redistribute, strict_budgets=cfg.strict_budgets,
@@ -228,7 +226,7 @@ class MaskingTransform:
                                         f"chunk_start_range (ids that start a chunk), or pass the "
                                         f"chunks as a list of arrays")
             unit = spans.units_from_flat(tokens, self.chunk_start_range if m.masking == "chunk" else None)
-        return spans.truncate_units(tokens, unit, self.specials.eos_id, m.max_length)
+        return spans.truncate_units(tokens, unit, m.text.eos_id, m.max_length)
 
     def _ids(self, m, x, field) -> np.ndarray:
         x = np.asarray(x)
@@ -242,7 +240,7 @@ class MaskingTransform:
         if lo < 0 or hi >= m.vocab_size:
             raise MaskingInputError(f"{m.name}: {field} contain id {int(lo if lo < 0 else hi)} outside "
                                     f"the vocabulary [0, {m.vocab_size})")
-        reserved = self.specials.is_reserved(x)
+        reserved = m.text.is_reserved(x)
         if reserved.any():
             j = int(np.flatnonzero(reserved)[0])
             raise MaskingInputError(f"{m.name}: {field}[{j}] = {int(x[j])} is a special id (PAD/SOS/EOS "
@@ -292,7 +290,8 @@ class MaskingTransform:
             unit_len = np.bincount(unit, minlength=int(unit[-1]) + 1 if len(unit) else 0)
             b = int(n_in[i])
             kept = spans.choose_kept_units(unit_len, b, spans.keep_prob(comp.keep[i], rng), rng)
-            seq_in[i], seq_tgt[i] = spans.span_mask(tokens, unit, kept, self.specials, empty_input=b == 0)
+            seq_in[i], seq_tgt[i] = spans.span_mask(tokens, unit, kept, self.modalities[i].text,
+                                                          empty_input=b == 0)
             n_in[i] = len(seq_in[i])
         self._top_up(n_in, self.input_budget, p_in, self._num_tokens - n_in, rng)
 
@@ -305,7 +304,7 @@ class MaskingTransform:
         n_t = budgets.allocate(self.target_budget, p_t, cap_t, rng)
         full_tgt = dict(seq_tgt)
         for i in seqs:
-            seq_tgt[i] = spans.crop_target(seq_tgt[i], int(n_t[i]), self.specials, rng)
+            seq_tgt[i] = spans.crop_target(seq_tgt[i], int(n_t[i]), self.modalities[i].text, rng)
             n_t[i] = max(len(seq_tgt[i]) - 1, 0)
         self._top_up(n_t, self.target_budget, p_t, self._num_tokens - n_in - n_t, rng)
 
@@ -410,5 +409,4 @@ def default_config() -> ml_collections.ConfigDict:
     c.redistribute = True
     c.strict_budgets = True
     c.strict_keys = True
-    c.text = ml_collections.ConfigDict(dict(pad_id=0, eos_id=3, sentinel_base=4, num_sentinels=100, sos_id=2))
     return c

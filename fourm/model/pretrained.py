@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from fourm.modalities import Modality
+from fourm.text_layout import FOURM as FOURM_TEXT, ML4M as ML4M_TEXT, TextLayout
 
 FORMAT, VERSION = "fourm", 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -172,6 +173,11 @@ def _modality_from_json(d: Mapping[str, Any]) -> Modality:
     d = dict(d)
     if d.get("grid") is not None:
         d["grid"] = tuple(d["grid"])
+    if d.get("text") is not None:
+        d["text"] = TextLayout(**d["text"])
+    elif d.get("kind") == "sequence":
+        # Files written before the layout was saved: 4M's WordPiece or fourm's SentencePiece.
+        d["text"] = ML4M_TEXT if str(d.get("tokenizer", "")).startswith("wordpiece") else FOURM_TEXT
     return Modality(**d)
 
 

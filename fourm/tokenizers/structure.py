@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fourm.tokenizers.text import DEFAULT_VALUE_BINS
+from fourm.text_layout import DEFAULT_VALUE_BINS
 
 _VALUE_RE = re.compile(r"v([0-3])=(0|[1-9]\d*)")
 

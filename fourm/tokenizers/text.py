@@ -1,6 +1,6 @@
 """fourm's text tokenizer: a SentencePiece model with 4M's reserved tokens at fixed ids.
 
-Id layout (`TextLayout`; the masking and model code rely on it without loading a model):
+Id layout (`fourm.text_layout.TextLayout`; masking and generation read it from the modality):
 
     0 [PAD]   1 [UNK]   2 [SOS]   3 [EOS]
     4 .. 4+n-1                  span sentinels [S_0] .. [S_{n-1}]        (4M: [S_1] has id 5)
@@ -34,57 +34,18 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
 
 from fourm.io import atomic_write
+from fourm.text_layout import (DEFAULT_NUM_SENTINELS, DEFAULT_VALUE_BINS, NUM_VALUE_GROUPS,  # noqa: F401
+                               TextLayout)
 
 VERSION = "fourm.text/1"
 MODEL_FILE = "text.model"
 SIDECAR_FILE = "text.json"
 
-PAD_ID, UNK_ID, SOS_ID, EOS_ID = 0, 1, 2, 3
+PAD_ID, UNK_ID, SOS_ID, EOS_ID = TextLayout.pad_id, TextLayout.unk_id, TextLayout.sos_id, TextLayout.eos_id
 PAD, UNK, SOS, EOS = "[PAD]", "[UNK]", "[SOS]", "[EOS]"
-NUM_VALUE_GROUPS = 4  # v0..v3, as 4M (box corners; metadata field / value)
-NUM_BYTES = 256
-DEFAULT_NUM_SENTINELS = 100
-DEFAULT_VALUE_BINS = 100  # 4M uses 1000 for 224 px; 100 is finer than a pixel at 64 px
 DEFAULT_VOCAB = 4096  # = fourm.modalities.TEXT_VOCAB
 _META_SPACE = "\u2581"  # SentencePiece's whitespace symbol; a literal one goes in as bytes
 _META_SPACE_BYTES = tuple(_META_SPACE.encode("utf-8"))
-
-
-@dataclasses.dataclass(frozen=True)
-class TextLayout:
-    """Fixed ids of the reserved tokens, computable without a trained model."""
-
-    num_sentinels: int = DEFAULT_NUM_SENTINELS
-    value_bins: int = DEFAULT_VALUE_BINS
-
-    def __post_init__(self):
-        if self.num_sentinels < 1 or self.value_bins < 2:
-            raise ValueError(f"need num_sentinels >= 1 and value_bins >= 2, got {self}")
-
-    def sentinel_id(self, i: int) -> int:
-        if not 0 <= i < self.num_sentinels:
-            raise ValueError(f"sentinel index {i} outside [0, {self.num_sentinels})")
-        return 4 + int(i)
-
-    def value_id(self, group: int, bin_: int) -> int:
-        if not 0 <= group < NUM_VALUE_GROUPS:
-            raise ValueError(f"value group {group} outside [0, {NUM_VALUE_GROUPS})")
-        if not 0 <= bin_ < self.value_bins:
-            raise ValueError(f"value bin {bin_} outside [0, {self.value_bins}) for group v{group}")
-        return 4 + self.num_sentinels + int(group) * self.value_bins + int(bin_)
-
-    @property
-    def first_byte_id(self) -> int:
-        return 4 + self.num_sentinels + NUM_VALUE_GROUPS * self.value_bins
-
-    @property
-    def first_learned_id(self) -> int:
-        return self.first_byte_id + NUM_BYTES
-
-    def special_pieces(self) -> list[str]:
-        """Sentinel and value pieces in id order (ids 4 .. first_byte_id - 1)."""
-        return ([f"[S_{i}]" for i in range(self.num_sentinels)]
-                + [f"v{g}={b}" for g in range(NUM_VALUE_GROUPS) for b in range(self.value_bins)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +101,7 @@ class TextTokenizer:
         kind = np.zeros(n, np.int8)
         kind[PAD_ID] = 1
         kind[[UNK_ID, SOS_ID, EOS_ID]] = 2
-        kind[4:self.layout.first_byte_id] = 2
+        kind[self.layout.sentinel_base:self.layout.first_byte_id] = 2
         kind[[i for i in range(n) if self._sp.is_unused(i)]] = 3
         self._kind = kind
 
@@ -265,7 +226,7 @@ class TextTokenizer:
         meta = dict(self._meta, version=VERSION, config_hash=self.config_hash,
                     vocab_size=self.vocab_size, model_sha256=hashlib.sha256(proto).hexdigest(),
                     layout=dict(pad=PAD_ID, unk=UNK_ID, sos=SOS_ID, eos=EOS_ID,
-                                first_sentinel=4, first_value=self.layout.value_id(0, 0),
+                                first_sentinel=TextLayout.sentinel_base, first_value=self.layout.value_id(0, 0),
                                 first_byte=self.layout.first_byte_id,
                                 first_learned=self.layout.first_learned_id),
                     sentencepiece_version=spm.__version__)
@@ -363,7 +324,7 @@ class _BytesSink:
 
 
 def _special_piece_ids(layout: TextLayout) -> dict[str, int]:
-    ids = {p: 4 + k for k, p in enumerate(layout.special_pieces())}
+    ids = {p: layout.sentinel_base + k for k, p in enumerate(layout.special_pieces())}
     ids.update({UNK: UNK_ID, SOS: SOS_ID, EOS: EOS_ID})
     return ids
 
