@@ -11,6 +11,7 @@ from fourm import modalities as modreg
 from fourm.model import build_model, loss_fn, model_config
 from fourm.model import sharding
 from fourm.model.synthetic import synthetic_batch
+from fourm.train.mesh import make_mesh
 
 # compile time dominates; XLA's backend optimisation level does not change the maths
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -45,7 +46,7 @@ def setup():
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_loss_and_grads_match_single_device(setup, shape):
     vg, params, batch, (ref_loss, ref_grads) = setup
-    mesh = sharding.make_mesh(shape)
+    mesh = make_mesh(shape)
     p_sh = sharding.param_shardings(params, mesh)
     b_sh = {k: NamedSharding(mesh, P(sharding.BATCH_AXES)) for k in batch}
     with jax.set_mesh(mesh):
@@ -69,7 +70,7 @@ def test_fsdp_leaves_at_most_two_percent_replicated():
     c = model_config("tiny")
     c.family, c.modalities = "ml4m", list(modreg.ML4M_7)
     abstract = nnx.state(nnx.eval_shape(lambda: build_model(c)), nnx.Param)  # no allocation
-    mesh = sharding.make_mesh((1, 8, 1))
+    mesh = make_mesh((1, 8, 1))
     frac = sharding.check_fsdp(abstract, mesh)
     assert frac <= 0.02
     # the check bites: without the FSDP rule on "embed" almost everything stays replicated

@@ -10,6 +10,7 @@ registers, unshared modality embeddings, learned positions) through `ml4m.load`.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import numpy as np
 
 from fourm.compat import ml4m
 from fourm.model.embeddings import fixed_pos_table
-from fourm.model.pretrained import atomic_write, flat_params, write_safetensors
+from fourm.io import atomic_write
+from fourm.model.pretrained import flat_params, write_safetensors
 
 _ACTS = {v: k for k, v in ml4m.ACTIVATIONS.items()}
 
@@ -133,11 +135,10 @@ def ml4m_state_dict(model) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 def export(model, out_dir: str | os.PathLike) -> Path:
     """Write `model` as a 4M checkpoint folder (config.json + model.safetensors)."""
-    import json
 
     out_dir = Path(out_dir)
     cfg = ml4m_config(model.spec)
     tensors, aliases = ml4m_state_dict(model)
     write_safetensors(out_dir / ml4m.WEIGHTS_FILE, tensors, aliases)
-    atomic_write(out_dir / ml4m.CONFIG_FILE, [json.dumps(cfg, indent=1, sort_keys=True).encode()])
+    atomic_write(out_dir / ml4m.CONFIG_FILE, json.dumps(cfg, indent=1, sort_keys=True))
     return out_dir

@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct as _struct
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,18 +22,21 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
+from fourm.io import atomic_write
 from fourm.modalities import Modality
 from fourm.text_layout import FOURM as FOURM_TEXT, ML4M as ML4M_TEXT, TextLayout
 
 FORMAT, VERSION = "fourm", 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
+# safetensors' numpy loader knows no bfloat16; ml_dtypes does.
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
               "BOOL": np.bool_}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 class CheckpointError(ValueError):
@@ -52,71 +53,30 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise CheckpointError(f"{path}: truncated safetensors file ({len(data)} bytes, no header)")
-    (hlen,) = _struct.unpack("<Q", data[:8])
-    if 8 + hlen > len(data):
-        raise CheckpointError(f"{path}: truncated safetensors file: header of {hlen} bytes but the "
-                              f"file has {len(data)} bytes")
     try:
-        header = json.loads(data[8:8 + hlen])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    meta = header.pop("__metadata__", None) or {}
-    body = memoryview(data)[8 + hlen:]
+        with safetensors.safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+        entries = safetensors.deserialize(path.read_bytes())
+    except safetensors.SafetensorError as e:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from e
     out = {}
-    for name, info in header.items():
-        dtype = _ST_DTYPES.get(info.get("dtype"))
+    for name, info in entries:
+        dtype = _ST_DTYPES.get(info["dtype"])
         if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        start, end = info["data_offsets"]
-        shape = tuple(int(s) for s in info["shape"])
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if end > len(body):
-            raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
-                                  f"{8 + hlen + end} but the file has {len(data)} bytes")
-        if end - start != nbytes:
-            raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes, shape {shape} "
-                                  f"{info['dtype']} needs {nbytes}")
-        out[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(shape).copy()
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+        out[name] = np.frombuffer(info["data"], dtype=dtype).reshape(info["shape"])
     return out, dict(meta)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
     """Atomic write of a .safetensors file (no dependency on torch)."""
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset, blobs = 0, []
-    for name in sorted(tensors):
-        arr = np.ascontiguousarray(np.asarray(tensors[name]))
-        if arr.dtype not in _ST_NAMES:
+    arrays = {name: np.ascontiguousarray(np.asarray(t)) for name, t in tensors.items()}
+    for name, arr in arrays.items():
+        if arr.dtype not in {np.dtype(d) for d in _ST_DTYPES.values()}:
             raise CheckpointError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
-        blob = arr.tobytes()
-        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-    hbytes = json.dumps(header, separators=(",", ":")).encode()
-    hbytes += b" " * (-len(hbytes) % 8)  # 8-byte alignment of the data section
-    atomic_write(Path(path), [_struct.pack("<Q", len(hbytes)), hbytes, *blobs])
-
-
-def atomic_write(path: Path, chunks) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for c in chunks:
-                f.write(c)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    meta = {str(k): str(v) for k, v in metadata.items()} if metadata else None
+    atomic_write(path, safetensors.numpy.save(arrays, metadata=meta))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +85,7 @@ def atomic_write(path: Path, chunks) -> None:
 
 
 def _key(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def flat_params(model_or_state) -> dict[str, Any]:
@@ -190,7 +150,7 @@ def save_pretrained(model: nnx.Module, cfg: Any, directory: str | os.PathLike) -
            "modalities": [_modality_to_json(m) for m in spec.modalities], "config": cfg_dict}
     tensors = {k: np.asarray(jax.device_get(v)) for k, v in flat_params(model).items()}
     write_safetensors(directory / WEIGHTS_FILE, tensors, {"format": FORMAT})
-    atomic_write(directory / CONFIG_FILE, [json.dumps(doc, indent=1, sort_keys=True, default=str).encode()])
+    atomic_write(directory / CONFIG_FILE, json.dumps(doc, indent=1, sort_keys=True, default=str))
     return directory
 
 

@@ -23,8 +23,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+# The mesh axis names, here and nowhere else (`fourm.train.mesh.make_mesh` builds the mesh).
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the data-parallel axes a batch is split over
 
 RULES: dict[str, tuple[str, ...] | str | None] = {
     # parameters
@@ -93,26 +94,6 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def make_mesh(shape: Sequence[int] | dict, devices: Sequence[Any] | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh with Auto axes (shardings from specs + constraints).
-
-    `shape` is (data, fsdp, tensor) or a mapping with those keys; -1 in one place is inferred.
-    The trainer's multi-slice mesh lives in `fourm.train.mesh`; this one is for tests and tools.
-    """
-    if isinstance(shape, dict) or hasattr(shape, "get"):
-        shape = [int(shape.get(a, 1)) for a in MESH_AXES]
-    shape = [int(s) for s in shape]
-    devices = list(devices if devices is not None else jax.devices())
-    if shape.count(-1) == 1:
-        known = math.prod(s for s in shape if s != -1)
-        shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} "
-                         f"devices, have {len(devices)}")
-    dev = np.asarray(devices).reshape(shape)
-    return Mesh(dev, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-
-
 def _names_of(var) -> tuple:
     names = var.get_metadata().get("out_sharding") if hasattr(var, "get_metadata") else None
     return tuple(names) if names else ()
@@ -156,7 +137,7 @@ def replicated_fraction(state: nnx.State, mesh: Mesh, rules: dict | None = None)
         total += nbytes
         if all(s is None for s in spec):
             replicated += nbytes
-            names.append("/".join(str(getattr(k, "key", k)) for k in path))
+            names.append(jax.tree_util.keystr(path, simple=True, separator="/"))
     return (replicated / total if total else 0.0), names
 
 

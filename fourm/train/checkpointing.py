@@ -48,7 +48,7 @@ def _flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     # Orbax metadata turns namedtuple fields (optax states) into dict keys: compare by names only.
     def name(path) -> str:
-        return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        return jax.tree_util.keystr(path, simple=True, separator="/")
     return {name(p): (tuple(getattr(v, "shape", ())), str(getattr(v, "dtype", ""))) for p, v in flat}
 
 

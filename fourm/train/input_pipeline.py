@@ -26,6 +26,8 @@ import grain
 import jax
 import numpy as np
 
+from fourm.model.sharding import BATCH_AXES
+
 
 class ProcessRows(grain.MapDataset):
     """Element j of a process = parent element (j // b) * B + offset + j % b, b = B / processes:
@@ -143,7 +145,7 @@ def global_batch_array(local: Mapping[str, np.ndarray], shardings: Mapping[str, 
 
 
 def batch_shardings(mesh: jax.sharding.Mesh, example: Mapping[str, np.ndarray],
-                    batch_axes: tuple[str, ...] = ("data", "fsdp")) -> dict:
+                    batch_axes: tuple[str, ...] = BATCH_AXES) -> dict:
     """Shard the leading (batch) dim over the data-parallel axes, replicate the rest."""
     P = jax.sharding.PartitionSpec
     return {k: jax.sharding.NamedSharding(mesh, P(batch_axes, *([None] * (np.ndim(v) - 1))))

@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-AXES = ("data", "fsdp", "tensor")
+from fourm.model.sharding import MESH_AXES as AXES
 
 
 class MeshConfigError(ValueError):
@@ -66,8 +66,12 @@ def _num_slices(devices: Sequence[Any], mesh_cfg: Mapping[str, Any]) -> tuple[in
     return (len({d.process_index for d in devices}) if wants_dcn else 1), True
 
 
-def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[Any] | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh for `devices` (default: all global devices)."""
+def make_mesh(mesh_cfg: Mapping[str, Any] | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh for `devices` (default: all global devices).
+
+    `mesh_cfg` is `config.mesh` or just the ICI sizes (data, fsdp, tensor)."""
+    if not hasattr(mesh_cfg, "get"):
+        mesh_cfg = dict(zip(AXES, mesh_cfg))
     devices = list(jax.devices() if devices is None else devices)
     num_slices, process_is_granule = _num_slices(devices, mesh_cfg)
     ici_shape, dcn_shape = mesh_shape(mesh_cfg, len(devices), num_slices)

@@ -18,11 +18,7 @@ NO_DECAY_NAMES = ("bias", "scale", "pos_emb", "mod_emb", "mask_token")
 
 
 def _path_names(path) -> list[str]:
-    out = []
-    for k in path:
-        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-        out.append(str(name))
-    return out
+    return [jax.tree_util.keystr((k,), simple=True) for k in path]
 
 
 def decay_mask(params: Any) -> Any:

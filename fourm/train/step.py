@@ -35,7 +35,7 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation):
 
 
 def _path_strings(path) -> list[str]:
-    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return [jax.tree_util.keystr((k,), simple=True) for k in path]
 
 
 def modality_groups(params: Any, modality_names: Sequence[str]) -> dict[str, list[int]]:

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fourm import config as config_lib
 from fourm import modalities as modreg
+from fourm.io import atomic_write_json
 from fourm.masking import GrainMasking, MaskingTransform
 from fourm.train import checkpointing, input_pipeline, metrics as metrics_lib, step as step_lib
 from fourm.train.mesh import describe as describe_mesh, make_mesh
@@ -363,10 +364,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trai
         state = jax.jit(init_fn, out_shardings=state_sh)()
         start = 0
         if is_main:
-            config_lib_path = workdir / "config.json"
-            tmp = config_lib_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(config_json, indent=2, sort_keys=True))
-            os.replace(tmp, config_lib_path)
+            atomic_write_json(workdir / "config.json", config_json)
 
     # ---------------------------------------------------------------- evals
     eval_batches = []
