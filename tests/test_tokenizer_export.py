@@ -15,6 +15,7 @@ import pytest
 from fourm.tokenizers import load
 from fourm.tokenizers.export import export, load_export
 from fourm.tokenizers.image import ImageTokenizer
+from fourm.tokenizers.runs import from_run
 from fourm.tokenizers.recipes import base_config
 from fourm.tokenizers.train import train
 
@@ -62,11 +63,11 @@ def test_checkpoint_config_contradiction_is_an_error(run):
     other = _depth_config(tmp)
     other.quantizer.codebook_size = 128
     with pytest.raises(ValueError, match=r"quantizer.codebook_size: checkpoint has 64, config has 128"):
-        ImageTokenizer.from_checkpoint(cfg.workdir, config=other)
+        from_run(cfg.workdir, config=other)
     with pytest.raises(ValueError, match="contradicts the run"):
         train(other)
     with pytest.raises(FileNotFoundError, match="no checkpoint at step 99"):
-        ImageTokenizer.from_checkpoint(cfg.workdir, step=99)
+        from_run(cfg.workdir, step=99)
 
 
 def _cli(*args, cwd=None):
@@ -98,7 +99,7 @@ def test_export_round_trip_in_fourm(run, exported):
     assert spec["modality"] == "depth" and spec["grid"] == [8, 8] and spec["step"] == 2
     assert spec["normalisation"]["kind"] == "log_depth_fixed_range"
     tok = load(exported)
-    ref = ImageTokenizer.from_checkpoint(cfg.workdir, step=2)
+    ref = from_run(cfg.workdir, step=2)
     assert tok.version == ref.version and tok.config_hash == ref.config_hash
     d = np.random.default_rng(0).uniform(1, 9, (3, 64, 64)).astype(np.float32)
     np.testing.assert_array_equal(tok.encode(d), ref.encode(d))

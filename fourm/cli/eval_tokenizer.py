@@ -38,14 +38,14 @@ def _main(argv):
     from fourm.tokenizers import data as tok_data
     from fourm.tokenizers.evaluate import evaluate, format_report, write_report
     from fourm.tokenizers.export import load_export
-    from fourm.tokenizers.image import ImageTokenizer, check_same_tokenizer
+    from fourm.tokenizers.image import check_same_tokenizer
     from fourm.tokenizers.recipes import base_config, tokenizer_section
-    from fourm.tokenizers.train import load_workdir_config
+    from fourm.tokenizers.runs import from_run, load_workdir_config
 
     path = Path(argv[1])
     given = _CONFIG.value if flags.FLAGS["config"].present else None
     if (path / "checkpoints").is_dir():
-        tok = ImageTokenizer.from_checkpoint(path, step=_STEP.value, config=given)
+        tok = from_run(path, step=_STEP.value, config=given)
         cfg = load_workdir_config(path)
         default_out = path / f"eval_step{tok.step:06d}.json"
     else:

@@ -26,7 +26,7 @@ def _main(argv):
     if len(argv) != 3:
         raise app.UsageError("usage: fourm-export-tokenizer CKPT OUT_DIR [--step N] [--overwrite]")
     from fourm.tokenizers.export import export, load_export
-    from fourm.tokenizers.image import ImageTokenizer
+    from fourm.tokenizers.runs import from_run
 
     ckpt, out = Path(argv[1]), Path(argv[2])
     if out.exists() and not _OVERWRITE.value:  # fail before any work
@@ -36,7 +36,7 @@ def _main(argv):
         if step is not None and step != int(ckpt.name):
             raise app.UsageError(f"--step {step} contradicts checkpoint folder {ckpt}")
         ckpt, step = ckpt.parent.parent, int(ckpt.name)
-    tok = ImageTokenizer.from_checkpoint(ckpt, step=step)
+    tok = from_run(ckpt, step=step)
     path = export(tok, out, platforms=_PLATFORMS.value, overwrite=_OVERWRITE.value)
     back = load_export(path)  # proves the artifact loads and matches
     print(f"exported {back.name} step {back.step} ({back.version}) to {path}")

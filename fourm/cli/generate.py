@@ -92,9 +92,9 @@ def load_tokenizers(path: str | None) -> dict[str, Any]:
 def load_image_tokenizer(path: Path):
     """An image tokenizer from a training workdir (checkpoints/) or an exported folder."""
     if (path / "checkpoints").is_dir():
-        from fourm.tokenizers.image import ImageTokenizer
+        from fourm.tokenizers.runs import from_run
 
-        return ImageTokenizer.from_checkpoint(path)
+        return from_run(path)
     import fourm.tokenizers as tokenizers_pkg
 
     if not hasattr(tokenizers_pkg, "load"):

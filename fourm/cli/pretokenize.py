@@ -27,9 +27,9 @@ def load_image_tokenizer(path: str):
                                 f"recipes, or point --config.image_tokenizers.<modality> at an "
                                 f"exported tokenizer)")
     if (p / "checkpoints").is_dir():
-        from fourm.tokenizers.image import ImageTokenizer
+        from fourm.tokenizers.runs import from_run
 
-        return ImageTokenizer.from_checkpoint(p)
+        return from_run(p)
     import fourm.tokenizers as tokenizers_pkg
 
     if not hasattr(tokenizers_pkg, "load"):

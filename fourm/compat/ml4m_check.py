@@ -6,15 +6,14 @@ Everything is derived from the fixture: modalities, sizes and budgets from confi
 arrays, so other sizes, variants, modalities, batch sizes and budgets work unchanged.
 
 Sections are pluggable: `register_section(name, fn)` adds `fn(ctx) -> list[Row]`, run after the
-built-in "forward" section with the same loaded model (`ctx.model`). The generation replay
-(generation.npz) plugs in from `fourm.compat.ml4m_generation` when that module exists.
+built-in "forward" section with the same loaded model (`ctx.model`). The "generation" section
+turns `fourm.compat.ml4m_generation`'s replay of generation.npz into rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fourm.batch import PIXELS_PREFIX
-from fourm.compat import ml4m
+from fourm.compat import ml4m, ml4m_generation
 from fourm.model.loss import reduce_loss
 from fourm.model.spec import ModelSpec
 
@@ -310,11 +309,42 @@ def forward_section(ctx: CheckContext) -> list[Row]:
 register_section("forward", forward_section)
 
 
-def _generation_placeholder(ctx: CheckContext) -> list[Row]:
+def generation_section(ctx: CheckContext) -> list[Row]:
+    """One row per compared figure of each of the fixture's generation runs (generation.npz)."""
     if not (ctx.fixture / "generation.npz").exists():
         return []
-    return [Row("generation", "generation.npz", "skip", (), "-", None,
-                "not checked: fourm.compat.ml4m_generation is not installed")]
+    # One compiled step body per run (lax.scan); the unrolled loop gives the same results and is
+    # checked against the scan in tests/test_generate_chain.py.
+    report = ml4m_generation.check_generation(ctx.model, ctx.fixture, loop="scan",
+                              compiler_options=ctx.compiler_options)
+    ctx.extras["generation"] = report
+    rows = []
+    for key in ml4m_generation.RUNS:
+        for name, value in report[key].items():
+            if name == "ok":
+                continue
+            if isinstance(value, float):
+                rows.append(Row("generation", f"{key}/{name}", "float", (), f"{value:.3g}",
+                                value <= ml4m_generation.LOGPROB_ATOL))
+            elif isinstance(value, bool):
+                rows.append(Row("generation", f"{key}/{name}", "bool", (), str(value), value))
+            elif name == "num_generated":
+                want = report[key]["expected_num_generated"]
+                rows.append(Row("generation", f"{key}/{name}", "int", (), f"{value} (4M: {want})",
+                                value == want))
+            elif name == "expected_num_generated":
+                continue
+            elif name.endswith("mismatches"):
+                rows.append(Row("generation", f"{key}/{name}", "int", (), f"{value} mismatches",
+                                value == 0))
+            else:
+                rows.append(Row("generation", f"{key}/{name}", "int", (), str(value), None))
+    rows.append(Row("generation", "commit order", "skip", (), "-", None,
+                    "depth_maskgit8 commits the positions 4M's greedy tie-break chose (decode_step)"))
+    return rows
+
+
+register_section("generation", generation_section)
 
 
 def run_check(fixture: str | Path, tol: float = FLOAT_TOL, model=None, compiler_options: dict | None = None,
@@ -325,12 +355,6 @@ def run_check(fixture: str | Path, tol: float = FLOAT_TOL, model=None, compiler_
     fixture = Path(fixture)
     if not fixture.is_dir():
         raise FixtureError(f"{fixture}: no such fixture folder")
-    try:  # the generation replay plugs itself in via register_section when available
-        importlib.import_module("fourm.compat.ml4m_generation")
-    except ModuleNotFoundError as e:
-        if e.name != "fourm.compat.ml4m_generation":
-            raise
-        register_section("generation", _generation_placeholder)
     model = model if model is not None else ml4m.load(fixture, **runtime)
     ctx = CheckContext(fixture, model, model.spec, tol, compiler_options)
     rows: list[Row] = []

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from fourm.generate.chain import Generator, Normalised, Target
+
 RUNS = ("depth_maskgit8", "depth_maskgit1", "caption_ar")
 LOGPROB_ATOL = 1e-4  # README section 6: log-probs within about 1e-4 absolute
 
@@ -38,8 +40,6 @@ def _load(fixture_dir: Path):
 
 
 def _targets(runs: dict, g: dict[str, np.ndarray]):
-    from fourm.generate.chain import Target
-
     out = {}
     for key in RUNS:
         r = runs[key]
@@ -58,8 +58,6 @@ def check_generation(model, fixture_dir: str | Path, *, loop: str = "auto",
                      compiler_options: dict | None = None) -> dict[str, Any]:
     """Run the fixture's generation runs on a converted 4M model (a `FourM` with the fixture's
     modalities) and compare. Returns {run: {...figures...}, "ok": bool}."""
-    from fourm.generate.chain import Generator, Normalised
-
     fixture_dir = Path(fixture_dir)
     g, runs = _load(fixture_dir)
     cond = {"rgb@224": Normalised(np.transpose(g["cond/rgb@224/tensor"], (0, 2, 3, 1)))}
@@ -126,52 +124,3 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {'PASS' if r['ok'] else 'FAIL'} {key}: {figures}")
     lines.append(f"  generation parity: {'PASS' if report.get('ok') else 'FAIL'}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------
-# `fourm-ml4m check` section (fourm.compat.ml4m_check imports this module to plug it in).
-# ------------------------------------------------------------------------------------------
-def generation_section(ctx) -> list:
-    """Rows for `fourm.compat.ml4m_check`: one per compared figure of each run."""
-    from fourm.compat.ml4m_check import Row
-
-    if not (ctx.fixture / "generation.npz").exists():
-        return []
-    # One compiled step body per run (lax.scan); the unrolled loop gives the same results and is
-    # checked against the scan in tests/test_generate_chain.py.
-    report = check_generation(ctx.model, ctx.fixture, loop="scan",
-                              compiler_options=getattr(ctx, "compiler_options", None))
-    ctx.extras["generation"] = report
-    rows = []
-    for key in RUNS:
-        for name, value in report[key].items():
-            if name == "ok":
-                continue
-            if isinstance(value, float):
-                rows.append(Row("generation", f"{key}/{name}", "float", (), f"{value:.3g}",
-                                value <= LOGPROB_ATOL))
-            elif isinstance(value, bool):
-                rows.append(Row("generation", f"{key}/{name}", "bool", (), str(value), value))
-            elif name == "num_generated":
-                want = report[key]["expected_num_generated"]
-                rows.append(Row("generation", f"{key}/{name}", "int", (), f"{value} (4M: {want})",
-                                value == want))
-            elif name == "expected_num_generated":
-                continue
-            elif name.endswith("mismatches"):
-                rows.append(Row("generation", f"{key}/{name}", "int", (), f"{value} mismatches",
-                                value == 0))
-            else:
-                rows.append(Row("generation", f"{key}/{name}", "int", (), str(value), None))
-    rows.append(Row("generation", "commit order", "skip", (), "-", None,
-                    "depth_maskgit8 commits the positions 4M's greedy tie-break chose (decode_step)"))
-    return rows
-
-
-def _register() -> None:
-    from fourm.compat.ml4m_check import register_section
-
-    register_section("generation", generation_section)
-
-
-_register()

@@ -34,6 +34,7 @@ import numpy as np
 
 from fourm.tokenizers.image import (FORMAT_VERSION, ImageTokenizer, abstract_model, make_pure_fns,
                                     unflatten_into)
+from fourm.tokenizers.runs import from_run
 
 FORMAT = "fourm.image_tokenizer"
 FILES = ("config.json", "weights.npz", "encode.jaxexport", "decode.jaxexport")
@@ -165,7 +166,7 @@ def load(path) -> ImageTokenizer:
     if (path / "config.json").exists() and (path / "weights.npz").exists():
         return load_export(path)
     if (path / "checkpoints").is_dir():
-        tok = ImageTokenizer.from_checkpoint(path)
+        tok = from_run(path)
         tok.path = str(path)
         return tok
     raise FileNotFoundError(f"{path} is neither a tokenizer export (config.json + weights.npz) nor "

@@ -1,6 +1,6 @@
 """`ImageTokenizer`: the runtime face of a trained image-like tokenizer.
 
-    tok = ImageTokenizer.from_checkpoint("runs/tokenizers/tok_depth@64")   # or fourm.tokenizers.load(dir)
+    tok = fourm.tokenizers.runs.from_run("runs/tokenizers/tok_depth@64")   # or fourm.tokenizers.load(dir)
     ids = tok.encode(depth_batch)        # float32[B, 64, 64] metres -> int32[B, 8, 8]
     depth = tok.decode(ids)              # -> float32[B, 64, 64] metres
 
@@ -269,11 +269,3 @@ class ImageTokenizer:
     def reconstruct(self, x) -> np.ndarray:
         return self.decode(self.encode(x))
 
-    # -- constructors --------------------------------------------------------------------------
-    @classmethod
-    def from_checkpoint(cls, workdir, step: int | None = None, config=None) -> "ImageTokenizer":
-        """Latest (or `step`) checkpoint of a training run; `config`, if given, must agree with it."""
-        from fourm.tokenizers.train import restore_weights
-
-        cfg, weights, step = restore_weights(workdir, step=step, config=config)
-        return cls(cfg, weights, step=step, source=str(workdir))

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -32,6 +31,7 @@ from fourm.tokenizers.image import (FORMAT_VERSION, WEIGHTS, ImageTokenizer, bui
                                     check_same_tokenizer, config_hash)
 from fourm.tokenizers.quantizers import VectorQuantizer, perplexity
 from fourm.tokenizers.recipes import tokenizer_section
+from fourm.tokenizers.runs import checkpoint_manager
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,13 +51,6 @@ def prepare_workdir(cfg, workdir: Path) -> None:
             "tokenizer_config": tokenizer_section(cfg)}, indent=2, sort_keys=True))
     if jax.process_index() == 0:
         atomic_write(workdir / "config.json", to_json(cfg))
-
-
-def load_workdir_config(workdir: Path) -> ml_collections.ConfigDict:
-    path = Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a tokenizer training run")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,46 +126,6 @@ def put_batch(local: np.ndarray, sharding) -> jax.Array:
     rows = local.shape[0] // n
     mine = local[jax.process_index() * rows:(jax.process_index() + 1) * rows]
     return jax.make_array_from_process_local_data(sharding, mine, local.shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: model (params + codebook/EMA), optimizer state, JSON metadata
-# ---------------------------------------------------------------------------------------------
-def checkpoint_manager(workdir: Path, t=None, read_only: bool = False) -> ocp.CheckpointManager:
-    # Readers open without creating anything (orbax's read_only mode only adds log noise).
-    opts = ocp.CheckpointManagerOptions(
-        max_to_keep=int(t.keep_checkpoints) if t else None, create=not read_only)
-    return ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints", options=opts,
-                                 item_names=("model", "opt", "meta"))
-
-
-def restore_weights(workdir, step: int | None = None, config=None):
-    """(config, inference weights as nnx.State, step) of a run's checkpoint."""
-    workdir = Path(workdir)
-    cfg = load_workdir_config(workdir)
-    if config is not None:
-        check_same_tokenizer(tokenizer_section(cfg), config, f"the checkpoint in {workdir}")
-    mngr = checkpoint_manager(workdir, read_only=True)
-    step = mngr.latest_step() if step is None else int(step)
-    if step is None or step not in mngr.all_steps():
-        raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} in "
-                                f"{workdir / 'checkpoints'} (have {list(mngr.all_steps())})")
-    abstract = nnx.eval_shape(lambda: build_model(cfg)[1])
-    graphdef, params_abs, rest_abs = nnx.split(abstract, nnx.Param, ...)
-    # Explicit target sharding: the checkpoint may come from another device topology (e.g. an
-    # 8-device data-parallel run) and is read here onto one local device.
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-                          {"params": nnx.to_pure_dict(params_abs), "rest": nnx.to_pure_dict(rest_abs)})
-    try:
-        restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint {workdir} step {step} does not match its config.json "
-                         f"tokenizer fields: {e}") from e
-    model = nnx.merge(graphdef, restored["model"]["params"], restored["model"]["rest"])
-    weights = nnx.split(model, WEIGHTS, ...)[1]
-    mngr.close()
-    return cfg, weights, step
 
 
 # ---------------------------------------------------------------------------------------------
