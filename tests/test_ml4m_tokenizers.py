@@ -287,3 +287,42 @@ def test_check_command_errors_are_one_line(tmp_path, capsys):
     (fx / "fixture.npz").unlink()
     with pytest.raises(FixtureError, match=r"fixture.npz: no such file"):
         tok_check.run_check(fx)
+
+
+# ---------------------------------------------------------------------------------------------
+# export through fourm's tokenizer artifact
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", [SEMSEG, MLP_GLOBAL], ids=lambda p: p.name)
+def test_export_round_trips_tokens(fixture, tmp_path):
+    import jax
+
+    from fourm.tokenizers import load as load_any
+    from fourm.tokenizers.export import export
+
+    z = np.load(fixture / "fixture.npz")
+    tok = load_any(fixture)  # the raw 4M folder loads through fourm.tokenizers.load too
+    assert isinstance(tok, tload.Tokenizer)
+    out = export(tok, tmp_path / "art", platforms=("cpu",))
+    spec = json.loads((out / "config.json").read_text())
+    assert spec["format"] == "fourm.image_tokenizer" and spec["family"] == "ml4m"
+    back = load_any(out)
+    assert isinstance(back, tload.Tokenizer) and back.version == spec["version"]
+    np.testing.assert_array_equal(back.tokenize(z["inputs"]), z["tokens"])
+    # The serialized functions alone (jax + numpy), as a user of the artifact calls them.
+    w = dict(np.load(out / "weights.npz", allow_pickle=False))
+    enc = jax.export.deserialize((out / "encode.jaxexport").read_bytes())
+    dec = jax.export.deserialize((out / "decode.jaxexport").read_bytes())
+    x = z["inputs"].astype(np.int32 if back.cfg.n_labels is not None else np.float32)
+    tokens = np.asarray(enc.call(w, x))
+    np.testing.assert_array_equal(tokens, z["tokens"])
+    np.testing.assert_allclose(np.asarray(dec.call(w, tokens)), z["decoded"], atol=1e-4)
+
+
+def test_export_refuses_divae_and_writes_nothing(tmp_path):
+    from fourm.tokenizers.export import export
+
+    with pytest.raises(ValueError, match="only 4M VQVAE tokenizers export; a DiVAE decodes by diffusion"):
+        export(tload.load(DIVAE), tmp_path / "art", platforms=("cpu",))
+    assert list(tmp_path.iterdir()) == []
