@@ -326,3 +326,12 @@ def test_export_refuses_divae_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="only 4M VQVAE tokenizers export; a DiVAE decodes by diffusion"):
         export(tload.load(DIVAE), tmp_path / "art", platforms=("cpu",))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_vit_vqvae_encode_runs_at_the_tiny_size():
+    from fourm.bench.ml4m_tokenizer import bench_vqvae_encode
+
+    (r,) = bench_vqvae_encode("vit_t_enc", image_size=32, patch_size=8, batch=2, iters=1)
+    assert r.name == "ml4m_tokenizer.vit_t_enc@32.encode" and r.unit == "images/s"
+    assert r.seconds > 0 and r.throughput > 0 and r.extra["grid"] == [4, 4]
+    assert r.flops is None or r.flops > 2 * 2 * 16 * 64 * 64  # at least the patch projection
