@@ -27,6 +27,8 @@ pytestmark = pytest.mark.skipif(not (SEMSEG / "model.safetensors").is_file(),
                                 reason=f"4M tokenizer fixtures not found at {FIXTURES}")
 
 register_fixture_archs()
+if tload.unet is not None:  # DiVAE's UNet sizes of the fixtures (fourm.compat.ml4m_tokenizers.unet)
+    tload.unet.register_fixture_unets()
 
 
 def _last_line(capsys):
@@ -335,3 +337,13 @@ def test_bench_vit_vqvae_encode_runs_at_the_tiny_size():
     assert r.name == "ml4m_tokenizer.vit_t_enc@32.encode" and r.unit == "images/s"
     assert r.seconds > 0 and r.throughput > 0 and r.extra["grid"] == [4, 4]
     assert r.flops is None or r.flops > 2 * 2 * 16 * 64 * 64  # at least the patch projection
+
+
+@pytest.mark.skipif(tload.diffusion is None, reason="the DiVAE diffusion decoder is not in this fourm")
+def test_divae_decode_tokens_through_the_tokenizer():
+    z = np.load(DIVAE / "fixture.npz")
+    tok = tload.load(DIVAE)
+    out = tok.decode_tokens(z["tokens"], noise=z["noise"], timesteps=4, mode="trailing")
+    np.testing.assert_allclose(out, z["decoded"], atol=1e-4)
+    with pytest.raises(ValueError, match="pass noise="):
+        tok.decode_tokens(z["tokens"], timesteps=4)

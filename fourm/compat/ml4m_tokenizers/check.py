@@ -53,25 +53,34 @@ def read_fixture(fixture: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, arrays
 
 
-def _decoded_row(tok, meta, arrays, tol) -> Row:
+def _decoded_rows(tok, meta, arrays, tol) -> list[Row]:
     ref = arrays["decoded"]
     if tok.cfg.cls == "VQVAE":
-        return compare("decoded", tok.decode_tokens(arrays["tokens"]), ref, tol, SECTION)
-    if tload.diffusion is None:
-        return Row(SECTION, "decoded", "skip", ref.shape, "not compared", False,
-                   "incomplete: DiVAE diffusion decoder (fourm.compat.ml4m_tokenizers.diffusion) not in this fourm")
+        return [compare("decoded", tok.decode_tokens(arrays["tokens"]), ref, tol, SECTION)]
+    if tok.decoder_params is None:
+        return [Row(SECTION, "decoded", "skip", ref.shape, "not compared", False,
+                    "incomplete: DiVAE diffusion decoder (fourm.compat.ml4m_tokenizers.diffusion) not in this fourm")]
     missing = [k for k in ("noise", "timesteps") if k not in arrays]
     if missing:
         raise FixtureError(f"DiVAE fixture.npz lacks {missing} (the recorded initial noise and timesteps)")
-    ours = tload.diffusion_decode(tok, tok.tokens_to_embedding(arrays["tokens"]), noise=arrays["noise"],
-                                  timesteps=arrays["timesteps"], settings=meta.get("decode", {}))
-    return compare("decoded", ours, ref, tol, SECTION, )
+    rows, settings = [], meta.get("decode", {})
+    steps = settings.get("num_inference_steps")
+    if steps is not None:  # our scheduler spaces the steps as the reference did
+        ours_ts = tload.diffusion.scheduler_timesteps(tok.raw_config, int(steps),
+                                                      settings.get("scheduler_timesteps_mode", "trailing"))
+        rows.append(compare("timesteps", np.asarray(ours_ts), arrays["timesteps"], tol, SECTION))
+    quant = tok.tokens_to_embedding(arrays["tokens"])
+    kw = {"num_inference_steps": int(steps)} if steps is not None else {}
+    ours = tload.diffusion_decode(tok, quant, noise=arrays["noise"], timesteps=arrays["timesteps"], **kw)
+    return rows + [compare("decoded", ours, ref, tol, SECTION)]
 
 
 def run_check(fixture, tol: float = FLOAT_TOL) -> list[Row]:
     fixture = Path(fixture)
     meta, arrays = read_fixture(fixture)
     register_fixture_archs()
+    if tload.unet is not None:
+        tload.unet.register_fixture_unets()
     tok = tload.load(fixture, cls=meta.get("class"))
     rows = []
     with jax.default_matmul_precision("highest"):
@@ -83,5 +92,5 @@ def run_check(fixture, tol: float = FLOAT_TOL) -> list[Row]:
         rows.append(compare("tokens", tokens, arrays["tokens"], tol, SECTION))
         rows.append(compare("quant", quant, arrays["quant"], tol, SECTION))
         rows.append(compare("quant_from_tokens", from_tokens, arrays["quant"], tol, SECTION))
-        rows.append(_decoded_row(tok, meta, arrays, tol))
+        rows += _decoded_rows(tok, meta, arrays, tol)
     return rows

@@ -34,12 +34,13 @@ TRAINING_BUFFERS = ("quantize._codebook.initted", "quantize._codebook.cluster_si
                     "quantize._codebook.embed_avg")
 DECODER_PREFIX = "decoder."
 
-try:  # DiVAE's diffusion decoder (UNet + schedulers) is a sibling module, possibly not installed yet
+try:  # DiVAE's diffusion decoder (UNet + schedulers): sibling modules, possibly not installed yet
     diffusion = importlib.import_module("fourm.compat.ml4m_tokenizers.diffusion")
+    unet = importlib.import_module("fourm.compat.ml4m_tokenizers.unet")
 except ModuleNotFoundError as e:
-    if e.name != "fourm.compat.ml4m_tokenizers.diffusion":
+    if e.name not in ("fourm.compat.ml4m_tokenizers.diffusion", "fourm.compat.ml4m_tokenizers.unet"):
         raise
-    diffusion = None
+    diffusion = unet = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,8 +271,9 @@ class Tokenizer:
         check_state(state, cfg, source or "weights")
         self.state = {k: np.asarray(v) for k, v in state.items()}
         self.params = jax.tree.map(jnp.asarray, to_params(self.state, cfg))
-        self.decoder_state = {k: v for k, v in self.state.items()
-                              if cfg.cls == "DiVAE" and k.startswith(DECODER_PREFIX)}
+        self.decoder_params = None
+        if cfg.cls == "DiVAE" and unet is not None:  # the UNet loader checks the decoder.* tensors
+            self.decoder_params = jax.tree.map(jnp.asarray, unet.load_decoder_params(self.state, self.raw_config))
         self.vocab_size = cfg.codebook_size
         self.num_codebooks = cfg.num_codebooks
 
@@ -333,15 +335,29 @@ class Tokenizer:
             if kwargs:
                 raise TypeError(f"{self.name}: a VQVAE decodes without options, got {sorted(kwargs)}")
             return np.asarray(vqvae.decode_tokens_jit(self.params, tokens, cfg=self.cfg))
-        if diffusion is None:
-            raise NotImplementedError(f"{self.name}: DiVAE decoding needs fourm.compat.ml4m_tokenizers.diffusion "
-                                      "(the diffusion decoder), which this fourm does not have")
         return diffusion_decode(self, self.tokens_to_embedding(tokens), **kwargs)
 
 
-def diffusion_decode(tok: Tokenizer, quant: np.ndarray, **kwargs) -> np.ndarray:
-    """DiVAE decode through the sibling diffusion module (wired in once it exists)."""
-    raise NotImplementedError(f"{tok.name}: the diffusion decoder interface is not wired in yet")
+def diffusion_decode(tok: Tokenizer, quant, *, timesteps=None, noise=None, key=None, mode: str = "trailing",
+                     image_size: int | None = None, **kwargs) -> np.ndarray:
+    """DiVAE `decode_quant`: `timesteps` is a number of steps (default: num_train_timesteps, as 4M)
+    spaced by `mode` as 4M's scheduler does, or the explicit timestep array; `noise` the initial
+    x_T (default: drawn from `key`). Other kwargs (eta, step_noise, key) go to `diffusion.decode`."""
+    if diffusion is None or tok.decoder_params is None:
+        raise NotImplementedError(f"{tok.name}: DiVAE decoding needs fourm.compat.ml4m_tokenizers.diffusion "
+                                  "(the diffusion decoder), which this fourm does not have")
+    cfg = tok.raw_config
+    if timesteps is None or np.ndim(timesteps) == 0:
+        timesteps = diffusion.scheduler_timesteps(cfg, int(timesteps or tok.cfg.diffusion_cfg["num_train_timesteps"]),
+                                                  mode)
+    if noise is None:
+        if key is None:
+            raise ValueError(f"{tok.name}: DiVAE decoding starts from noise: pass noise= (B, C, H, W) or "
+                             "key=jax.random.key(seed)")
+        noise = diffusion.initial_noise(key, cfg, np.shape(quant)[0], image_size)
+    out = diffusion.decode(tok.decoder_params, quant, noise=noise, timesteps=np.asarray(timesteps), cfg=cfg,
+                           key=key, **kwargs)
+    return np.asarray(out)
 
 
 def load(folder, cls: str | None = None, name: str | None = None) -> Tokenizer:
