@@ -221,6 +221,12 @@ def test_unknown_class(tmp_path):
                     config=lambda r: {**r, "sd_path": "runwayml/stable-diffusion-v1-5"})
     with pytest.raises(TokenizerConfigError, match=r"unknown 4M tokenizer class 'VQGAN'"):
         tload.load(SEMSEG, cls="VQGAN")
+    shutil.rmtree(tmp_path / "tok")
+    _one_line_error(tmp_path, r"model_type='VQControlNet' is not a supported 4M tokenizer class",
+                    config=lambda r: {**r, "model_type": "VQControlNet"})
+    assert parse_config(_variant(model_type="VQVAE", domain="semseg_coco")).cls == "VQVAE"
+    with pytest.raises(TokenizerConfigError, match="contradicts the requested class 'DiVAE'"):
+        parse_config(_variant(model_type="VQVAE"), "DiVAE")
 
 
 def test_wrong_shape_weight(tmp_path):

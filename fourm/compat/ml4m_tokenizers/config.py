@@ -5,7 +5,8 @@
 4M's `VQ` / `VQVAE` / `DiVAE` constructors take the keys below (`save_pretrained` writes all of
 them into config.json). Keys that shape the inference computation or the weights are required;
 training-only keys (EMA codebook updates, dead-code restarts, dropout, checkpoint surgery) are
-accepted and have no effect here; anything else is an error naming the key, since 4M's
+accepted and have no effect here, as are the metadata 4M's tooling attaches (`domain`, and
+`model_type`, which names the class); anything else is an error naming the key, since 4M's
 `**kwargs` would silently swallow a misspelt one.
 
 Architecture names resolve through one table: `vit_{s,b,l}_{enc,dec}` (4M's presets) plus any
@@ -148,6 +149,8 @@ CLASS_TRAINING_KEYS = {"VQVAE": (), "DiVAE": ("cls_free_guidance_dropout", "mask
                                               "masked_cfg_high", "dec_transformer_dropout")}
 DIFFUSION_KEYS = tuple(k for k in CLASS_KEYS["DiVAE"] if k not in ("dec_type", "image_size_dec"))
 # 4M's VQControlNet (a Stable Diffusion ControlNet decoder): recognised, not supported.
+# Metadata 4M's tokenizer tooling attaches (get_image_tokenizer: args.domain, args.model_type).
+METADATA_KEYS: dict[str, tuple] = {"domain": (str, None), "model_type": (str,)}
 CONTROLNET_KEYS = ("sd_path", "image_size_sd", "pretrained_cn", "enable_xformer", "adapter")
 QUANT_TYPES = ("lucid", "memcodes")
 SCHEDULERS = ("ddpm", "ddim")
@@ -155,12 +158,18 @@ PREDICTION_TYPES = ("sample", "epsilon", "v_prediction")
 
 
 def known_keys(cls: str) -> set[str]:
-    return set(VQ_KEYS) | set(VQ_TRAINING_KEYS) | set(CLASS_KEYS[cls]) | set(CLASS_TRAINING_KEYS[cls])
+    return (set(VQ_KEYS) | set(VQ_TRAINING_KEYS) | set(CLASS_KEYS[cls]) | set(CLASS_TRAINING_KEYS[cls])
+            | set(METADATA_KEYS))
 
 
 def infer_class(raw: Mapping[str, Any], source: str = "config.json") -> str:
     """4M's config.json does not name its class (the caller picks VQVAE/DiVAE.from_pretrained);
     the class-specific keys tell them apart."""
+    if "model_type" in raw:  # named explicitly (4M's get_image_tokenizer records it this way)
+        if raw["model_type"] not in CLASSES:
+            raise TokenizerConfigError(f"{source}: model_type={raw['model_type']!r} is not a supported 4M tokenizer "
+                                       f"class; supported: {list(CLASSES)}")
+        return raw["model_type"]
     if any(k in raw for k in CONTROLNET_KEYS):
         raise TokenizerConfigError(f"{source}: a 4M VQControlNet tokenizer (keys "
                                    f"{sorted(k for k in CONTROLNET_KEYS if k in raw)}); its Stable Diffusion "
@@ -259,6 +268,9 @@ def parse_config(raw: Mapping[str, Any], cls: str | None = None, source: str = "
     """Validate a 4M tokenizer config.json (dict) for class `cls` (default: inferred)."""
     if not isinstance(raw, Mapping):
         raise TokenizerConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    named = infer_class(raw, source) if "model_type" in raw else None
+    if cls and named and cls != named:
+        raise TokenizerConfigError(f"{source}: model_type={named!r} contradicts the requested class {cls!r}")
     cls = cls or infer_class(raw, source)
     if cls not in CLASSES:
         raise TokenizerConfigError(f"{source}: unknown 4M tokenizer class {cls!r}; supported: {list(CLASSES)}")
@@ -271,7 +283,7 @@ def parse_config(raw: Mapping[str, Any], cls: str | None = None, source: str = "
     if missing:
         raise TokenizerConfigError(f"{source}: missing key(s) {missing} (a 4M {cls} config.json lists every "
                                    "constructor argument)")
-    for k, types in typed.items():
+    for k, types in {**typed, **{k: t for k, t in METADATA_KEYS.items() if k in raw}}.items():
         if not _type_ok(raw[k], types):
             raise TokenizerConfigError(f"{source}: {k} must be {_type_name(types)}, got {raw[k]!r}")
     c = dict(raw)
@@ -288,6 +300,9 @@ def parse_config(raw: Mapping[str, Any], cls: str | None = None, source: str = "
     if c["quant_type"] == "memcodes" and c["latent_dim"] % c["num_codebooks"]:
         raise TokenizerConfigError(f"{source}: memcodes splits latent_dim={c['latent_dim']} over num_codebooks="
                                    f"{c['num_codebooks']} heads; it must divide evenly")
+    if c["undo_std"] and c["n_labels"] is not None:
+        raise TokenizerConfigError(f"{source}: undo_std=true (RGB input) contradicts n_labels={c['n_labels']} "
+                                   "(class-id input)")
     if c["undo_std"] and c["n_channels"] != 3:
         raise TokenizerConfigError(f"{source}: undo_std=true undoes ImageNet RGB standardisation and needs "
                                    f"n_channels=3, got {c['n_channels']}")
