@@ -87,7 +87,8 @@ def artifact_spec(tok: Tokenizer, x_shape, grid, platforms, modality: str = "") 
               "ImageNet-standardised RGB (4M undo_std)" if c.undo_std else
               "4M's input convention for this tokenizer (RGB tokenizers: [-1, 1]; features as extracted)")
     return {
-        "format_version": FORMAT_VERSION, "family": FAMILY, "name": tok.name, "modality": modality or tok.raw_config.get("domain") or tok.name,
+        "format_version": FORMAT_VERSION, "family": FAMILY, "name": tok.name,
+        "modality": modality or tok.raw_config.get("domain") or tok.name,
         "version": f"{tok.name}:ml4m:{digest[:8]}", "weights_digest": digest, "vocab_size": c.codebook_size,
         "num_codebooks": c.num_codebooks, "resolution": c.enc_resolution, "grid": list(grid),
         "ml4m_class": c.cls, "ml4m_config": tok.raw_config, "archs": archs, "platforms": list(platforms),
