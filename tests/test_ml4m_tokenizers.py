@@ -353,3 +353,14 @@ def test_divae_decode_tokens_through_the_tokenizer():
     np.testing.assert_allclose(out, z["decoded"], atol=1e-4)
     with pytest.raises(ValueError, match="pass noise="):
         tok.decode_tokens(z["tokens"], timesteps=4)
+
+
+def test_check_tokenizer_dispatches_text_fixtures(capsys):
+    text = FIXTURES / "wordpiece_text"
+    status = ml4m_cli.run(["check-tokenizer", str(text)])
+    try:
+        __import__(tok_check.TEXT_CHECK)
+    except ModuleNotFoundError:
+        assert status == 2 and "its check (fourm.compat.ml4m_text_check) is not in this fourm" in capsys.readouterr().err
+    else:
+        assert status == 0 and _last_line(capsys).startswith("PASS")

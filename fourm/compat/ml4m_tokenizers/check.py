@@ -9,12 +9,14 @@ and for DiVAE the decode settings) and `fixture.npz` with the reference's `input
 lookup of the reference tokens (`quant_from_tokens`, 4M checks it equals quant) and decoded
 (max |diff| within `tol`). Everything is computed at highest matmul precision, so GPUs/TPUs do
 not trade parity for TF32/bf16 passes. The tiny architecture names of the public fixtures
-(`FIXTURE_VITS`) are registered first. A DiVAE whose decoded images cannot be compared makes the
+(`FIXTURE_VITS`) are registered first. Text tokenizer fixtures (class `text_tokenizer`) go to
+4M's WordPiece check (`fourm.compat.ml4m_text_check`). A DiVAE whose decoded images cannot be compared makes the
 check fail (row `decoded`, with the reason), never pass.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -26,7 +28,15 @@ from fourm.compat.ml4m_tokenizers import load as tload
 from fourm.compat.ml4m_tokenizers.config import register_fixture_archs
 
 SECTION = "tokenizer"
+TEXT_CHECK = "fourm.compat.ml4m_text_check"  # WordPiece text fixtures (class "text_tokenizer")
 REQUIRED_ARRAYS = ("inputs", "tokens", "quant", "decoded")
+
+
+def _text_meta(fixture: Path) -> dict:
+    try:
+        return json.loads((fixture / "fixture.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # read_fixture reports it
 
 
 def read_fixture(fixture: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -77,6 +87,16 @@ def _decoded_rows(tok, meta, arrays, tol) -> list[Row]:
 
 def run_check(fixture, tol: float = FLOAT_TOL) -> list[Row]:
     fixture = Path(fixture)
+    meta = _text_meta(fixture)
+    if meta.get("class") == "text_tokenizer":  # 4M's WordPiece text tokenizer: its own check
+        try:
+            text_check = importlib.import_module(TEXT_CHECK)
+        except ModuleNotFoundError as e:
+            if e.name != TEXT_CHECK:
+                raise
+            raise FixtureError(f"{fixture}: a text tokenizer fixture; its check ({TEXT_CHECK}) is not in "
+                               "this fourm") from None
+        return text_check.check_text_fixture(fixture)
     meta, arrays = read_fixture(fixture)
     register_fixture_archs()
     if tload.unet is not None:

@@ -269,7 +269,9 @@ class Tokenizer:
         self.cfg, self.name, self.source = cfg, name or cfg.cls, source
         self.raw_config = dict(raw_config or {})
         check_state(state, cfg, source or "weights")
-        self.state = {k: np.asarray(v) for k, v in state.items()}
+        # Computation is float32 as in the reference; half-precision files are widened once here.
+        self.state = {k: np.asarray(v, np.float32) if np.issubdtype(np.asarray(v).dtype, np.floating)
+                      else np.asarray(v) for k, v in state.items()}
         self.params = jax.tree.map(jnp.asarray, to_params(self.state, cfg))
         self.decoder_params = None
         if cfg.cls == "DiVAE" and unet is not None:  # the UNet loader checks the decoder.* tensors
