@@ -337,12 +337,17 @@ def test_export_refuses_divae_and_writes_nothing(tmp_path):
 
 
 def test_bench_vit_vqvae_encode_runs_at_the_tiny_size():
-    from fourm.bench.ml4m_tokenizer import bench_vqvae_encode
+    """The fourm-bench group at its quick size (the fixtures' tiny ViT, 32 px): figures exist."""
+    from fourm.bench import suite
+    from fourm.config import load_config
 
-    (r,) = bench_vqvae_encode("vit_t_enc", image_size=32, patch_size=8, batch=2, iters=1)
+    c = load_config("bench:quick")
+    c.iters = 1
+    (r,) = suite.run_group("ml4m_tokenizer", c)
     assert r.name == "ml4m_tokenizer.vit_t_enc@32.encode" and r.unit == "images/s"
-    assert r.seconds > 0 and r.throughput > 0 and r.extra["grid"] == [4, 4]
-    assert r.flops is None or r.flops > 2 * 2 * 16 * 64 * 64  # at least the patch projection
+    assert r.seconds > 0 and r.throughput > 0 and r.extra["grid"] == [4, 4] and r.peak_rss > 0
+    assert r.flops is None or r.flops > 2 * 2 * 16 * 192 * 64  # at least the patch projection
+    assert load_config("bench").ml4m_tokenizer.enc_type == "vit_b_enc"  # the released size by default
 
 
 @pytest.mark.skipif(tload.diffusion is None, reason="the DiVAE diffusion decoder is not in this fourm")
