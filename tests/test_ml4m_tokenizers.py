@@ -247,6 +247,14 @@ def test_missing_and_unexpected_weights(tmp_path):
                               r"\['encoder.extra'\]", weights=weights)
 
 
+def test_uninitialised_codebook(tmp_path):
+    def weights(path, t):
+        t["quantize._codebook.initted"] = np.zeros(1, np.float32)
+        write_safetensors(path, t)
+
+    _one_line_error(tmp_path, r"quantize._codebook.initted is 0", weights=weights)
+
+
 def test_truncated_safetensors(tmp_path):
     def weights(path, t):
         data = (SEMSEG / "model.safetensors").read_bytes()

@@ -175,6 +175,10 @@ def check_state(tensors: Mapping[str, Any], cfg: TokenizerConfig, source: str) -
     if extra:
         problems.append(f"unexpected tensor(s) {extra[:6]}{' ...' if len(extra) > 6 else ''}")
     problems += bad[:6]
+    initted = tensors.get("quantize._codebook.initted")
+    if initted is not None and not np.all(np.asarray(initted)):
+        problems.append("quantize._codebook.initted is 0: the codebook was never initialised (4M would k-means "
+                        "it from the first batch it sees)")
     if problems:
         raise TokenizerConfigError(f"{source}: does not fit the 4M {cfg.cls} of its config.json: "
                                    + "; ".join(problems))
