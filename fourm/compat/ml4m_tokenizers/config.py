@@ -306,11 +306,11 @@ def parse_config(raw: Mapping[str, Any], cls: str | None = None, source: str = "
     if c["undo_std"] and c["n_channels"] != 3:
         raise TokenizerConfigError(f"{source}: undo_std=true undoes ImageNet RGB standardisation and needs "
                                    f"n_channels=3, got {c['n_channels']}")
-    enc_arch = resolve_arch(c["enc_type"], "enc", "enc_type")
+    enc_arch = _arch(c["enc_type"], "enc", "enc_type", source)
     fields = dict(cls=cls, **{k: c[k] for k in VQ_KEYS}, dec_type=c["dec_type"],
                   image_size_dec=c["image_size_dec"], enc_arch=enc_arch)
     if cls == "VQVAE":
-        fields.update(dec_arch=resolve_arch(c["dec_type"], "dec", "dec_type"), out_conv=c["out_conv"],
+        fields.update(dec_arch=_arch(c["dec_type"], "dec", "dec_type", source), out_conv=c["out_conv"],
                       patch_size_dec=c["patch_size_dec"])
     else:
         if "unet_" not in c["dec_type"]:
@@ -326,6 +326,13 @@ def parse_config(raw: Mapping[str, Any], cls: str | None = None, source: str = "
     cfg = TokenizerConfig(**fields)
     _check_grids(cfg, source)
     return cfg
+
+
+def _arch(name, role, key, source):
+    try:
+        return resolve_arch(name, role, key)
+    except TokenizerConfigError as e:
+        raise TokenizerConfigError(f"{source}: {e}") from None
 
 
 def _check_grids(cfg: TokenizerConfig, source: str) -> None:
