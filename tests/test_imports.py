@@ -30,8 +30,9 @@ LAYERS: dict[str, set[str]] = {
     "cli": FOUNDATION | {"report", "data", "masking", "model", "tokenizers", "generate", "train", "compat",
                          "bench", "quickstart"},
 }
-# Known breaks being removed (issue 13 item 5: library code importing CLI modules).
-ALLOWED_FOR_NOW = {("quickstart", "cli")}
+# Known breaks, to remove: library code importing CLI modules (issue 13 item 5); the tokenizer
+# export dispatching to 4M's tokenizers in compat (a shared artifact protocol would turn it round).
+ALLOWED_FOR_NOW = {("quickstart", "cli"), ("tokenizers", "compat")}
 
 
 def _modules() -> dict[str, Path]:
