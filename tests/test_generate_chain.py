@@ -134,6 +134,7 @@ def test_partly_given_targets_keep_their_tokens(model, image):
 
 
 class _FakeImageTokenizer:
+    kind = "grid"
     name, grid, vocab_size = "tok_depth@64", (8, 8), 1024
 
 

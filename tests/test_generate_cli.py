@@ -79,6 +79,8 @@ def test_cli_help_and_missing_checkpoint():
 class PatchDepthTokenizer:
     """Stand-in depth tokenizer: one token per 8x8 patch = its mean log-depth in 64 bins."""
 
+    kind = "grid"  # fourm.tokenizer_protocol
+
     name, grid, vocab_size, lo, hi = "tok_depth@64", (8, 8), 64, np.log(0.3), np.log(12.0)
 
     def encode(self, depth):

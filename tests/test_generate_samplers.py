@@ -63,21 +63,21 @@ def fake_grid_model(seed=0, groups=0):
     emb = jax.random.normal(k[1], (V, V))
     gshift = jax.random.normal(k[2], (max(groups, 1), 1, 1, V))
 
-    def logits_fn(tokens, known, query, sizes=None):
+    def logits_fn(tokens, known, query):
         pooled = jnp.sum(jnp.where(known[..., None], emb[tokens], 0.0), 1) / N  # [B,V]
         out = pos[None] + 2.0 * pooled[:, None, :]
         out = jnp.where(query[..., None], out, jnp.nan)  # non-queried rows must never be used
-        out = out if groups == 0 else out[None] + gshift
-        if sizes is None:
-            return out
-        # Compact form: only the queried rows (as the model's exact-shape path returns them).
+        return out if groups == 0 else out[None] + gshift
+
+    def compact_logits_fn(tokens, known, query, sizes):
+        # Only the queried rows (as the model's exact-shape path returns them).
         qpos = jnp.argsort(~query, axis=-1, stable=True)[:, :sizes[1]]
-        return jnp.take_along_axis(out, qpos[..., None], axis=-2), qpos
+        return jnp.take_along_axis(logits_fn(tokens, known, query), qpos[..., None], axis=-2), qpos
 
-    return logits_fn
+    return logits_fn, compact_logits_fn
 
 
-_FAKE = fake_grid_model()
+_FAKE, _FAKE_COMPACT = fake_grid_model()
 
 
 @functools.partial(jax.jit, static_argnames=("scheme",), compiler_options=FAST)
@@ -119,7 +119,8 @@ def test_unrolled_exact_shapes_equal_scan(scheme):
     counts = schedules.cosine_schedule(4, N - 4)
     ref = _decode(scheme, counts, np.full(4, 2.0, np.float32), known=known, seed=9)
     unrolled = jax.jit(lambda t, k, r, te: maskgit.iterative_decode(
-        _FAKE, t, k, r, counts, te, scheme=scheme, return_trace=True, num_known=4),
+        _FAKE, t, k, r, counts, te, scheme=scheme, return_trace=True, num_known=4,
+        compact_logits_fn=_FAKE_COMPACT),
         compiler_options=FAST)
     got = unrolled(np.where(known, 7, 0), known, jax.random.PRNGKey(9), np.full(4, 2.0, np.float32))
     np.testing.assert_array_equal(got.tokens, ref.tokens)  # same noise per (sample, position)
@@ -180,7 +181,7 @@ def test_forced_commit_order_is_replayed():
 
 
 def test_guided_grid_decoding_uses_combined_logits():
-    fn = fake_grid_model(groups=3)
+    fn, _ = fake_grid_model(groups=3)
     known = jnp.zeros((B, N), bool)
     w = jnp.array([[2.0, -0.5]])
     res = maskgit.iterative_decode(fn, jnp.zeros((B, N), jnp.int32), known, jax.random.PRNGKey(0),

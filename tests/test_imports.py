@@ -12,10 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # What each part of fourm may import (besides itself). Keep in step with docs/architecture.md.
-FOUNDATION = {"io", "text_layout", "modalities", "batch", "config", "hostmem"}
+FOUNDATION = {"io", "text_layout", "tokenizer_protocol", "modalities", "batch", "config", "hostmem"}
 LAYERS: dict[str, set[str]] = {
     "io": set(), "text_layout": set(), "batch": set(), "config": set(), "hostmem": set(),
-    "modalities": {"text_layout"},
+    "modalities": {"text_layout"}, "tokenizer_protocol": {"text_layout"},
     "report": FOUNDATION,
     "data": FOUNDATION,
     "masking": FOUNDATION,

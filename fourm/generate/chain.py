@@ -32,7 +32,9 @@ from fourm.generate.inputs import (GenerationInputError, ModState, Normalised, P
                                    broadcast_states, condition_slots, pack_sequences, prepare_grid,
                                    prepare_pixels, prepare_sequence)
 from fourm.generate.sampling import Filter
+from fourm.model import decoding
 from fourm.text_layout import merge_spans
+from fourm.tokenizer_protocol import tokenizer_kind
 
 __all__ = ["Generator", "Generation", "Target", "Partial", "Normalised",
            "GenerationInputError", "generate"]
@@ -92,14 +94,17 @@ def _grid_stage(graphdef, state, cond, tokens, known, rng, counts, temps, guidan
                 num_known):
     model = nnx.merge(graphdef, state)
 
-    def logits_fn(tok, kn, query, sizes=None):
-        return model_fns.grid_logits(model, cond, name, tok, kn, query, groups, sizes)
+    def logits_fn(tok, kn, query):
+        return model_fns.grid_logits(model, cond, name, tok, kn, query, groups)
+
+    def compact_logits_fn(tok, kn, query, sizes):
+        return model_fns.grid_logits_compact(model, cond, name, tok, kn, query, sizes, groups)
 
     counts = np.asarray(static_counts) if static_counts is not None else counts
     return maskgit.iterative_decode(
         logits_fn, tokens, known, rng, counts, temps, guidance if groups > 1 else None,
         scheme=scheme, flt=flt, commit_step=commit_step, choice_temperature=choice_temperature,
-        return_trace=return_trace, num_known=num_known)
+        return_trace=return_trace, num_known=num_known, compact_logits_fn=compact_logits_fn)
 
 
 def _seq_stage(graphdef, state, cond, tgt_ids, tgt_known, start, rng, temps, guidance, *, name,
@@ -109,13 +114,13 @@ def _seq_stage(graphdef, state, cond, tgt_ids, tgt_known, start, rng, temps, gui
     b, n = tgt_ids.shape
     pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     enc = model_fns.with_target_slots(cond, t, tgt_ids, pos, tgt_known, groups)
-    tile = functools.partial(model_fns._tile, groups=groups)
-    ungroup = functools.partial(model_fns._ungroup, groups=groups)
+    tile = functools.partial(model_fns.tile_groups, groups=groups)
+    ungroup = functools.partial(model_fns.split_groups, groups=groups)
     if use_cache:
         cache = model_fns.seq_prefill(model, enc, name, max_new)
 
         def step_fn(c, tok, p):  # the cache knows its position (p == c.length)
-            logits, c = model_fns.seq_step(model, c, tile(tok))
+            logits, c = decoding.ar_step(model, c, tile(tok))
             return ungroup(logits), c
     else:  # the reference algorithm: the whole decoder (and encoder) again for every token
         step_fn, cache = ar.no_cache_step(
@@ -165,7 +170,7 @@ class Generator:
         self._grid_fn, self._seq_fn = _jitted(_grid_stage, opts), _jitted(_seq_stage, opts)
         self.image_tokenizers, self.text_tokenizer = {}, None
         for key, tok in dict(tokenizers or {}).items():
-            if hasattr(tok, "sentinel_id") or hasattr(tok, "eos_id"):
+            if tokenizer_kind(tok) == "sequence":
                 self.text_tokenizer = tok
             else:
                 self.image_tokenizers[key] = tok

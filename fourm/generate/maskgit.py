@@ -3,7 +3,7 @@
 The sampler is a pure function of (logits function, state, schedule arrays, PRNG key). The
 logits function hides the model:
 
-    logits_fn(tokens int32[B,N], known bool[B,N], query bool[B,N]) -> float[B,N,V] | float[G,B,N,V]
+    logits_fn(tokens int32[B,N], known bool[B,N], query bool[B,N]) -> float[(G,)B,N,V]
 
 `known` are the target positions already decoded (or given): the model feeds them to the encoder
 as inputs. `query` are the positions the decoder predicts this step (the others are padding, never
@@ -33,6 +33,8 @@ import numpy as np
 from fourm.generate.sampling import Filter, guide, sample_tokens
 
 LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# (tokens, known, query, sizes=(num_known, num_query)) -> (logits float[(G,)B,Q,V], positions int[B,Q])
+CompactLogitsFn = Callable[[jax.Array, jax.Array, jax.Array, tuple[int, int]], tuple[jax.Array, jax.Array]]
 SCHEMES = ("maskgit", "roar")
 
 
@@ -77,7 +79,8 @@ def iterative_decode(logits_fn: LogitsFn, tokens: jax.Array, known: jax.Array, r
                      counts: jax.Array, temperatures: jax.Array, guidance: jax.Array | None = None,
                      *, scheme: str = "maskgit", flt: Filter = Filter(),
                      commit_step: jax.Array | None = None, choice_temperature: float = 0.0,
-                     return_trace: bool = False, num_known: int | None = None) -> GridResult:
+                     return_trace: bool = False, num_known: int | None = None,
+                     compact_logits_fn: CompactLogitsFn | None = None) -> GridResult:
     """Decode the unknown positions of `tokens` in len(counts) steps (see module docstring).
 
     counts: int[S] or int[B,S] tokens committed per step (sum = unknown positions per sample).
@@ -86,9 +89,9 @@ def iterative_decode(logits_fn: LogitsFn, tokens: jax.Array, known: jax.Array, r
     Two loop forms, same results: by default one `lax.scan` over steps (one compiled step body,
     padded shapes). With `num_known` (the number of known positions, equal for every sample) and
     host-side `counts` of shape [S], the steps are unrolled instead and each calls
-    `logits_fn(..., sizes=(num_known_now, num_query_now))` with exact static sizes, so the model
-    never computes padding (the encoder grows and the decoder shrinks as tokens are committed);
-    logits_fn then returns (logits [(G,)B,Q,V], positions int[B,Q]) for the Q queried positions.
+    `compact_logits_fn(..., sizes=(num_known_now, num_query_now))` with exact static sizes, so the
+    model never computes padding (the encoder grows and the decoder shrinks as tokens are
+    committed); it returns (logits [(G,)B,Q,V], positions int[B,Q]) for the Q queried positions.
     Sampling noise is drawn per (sample, position), so both forms draw the same tokens.
     Traceable: wrap in `jax.jit` with logits_fn and the keyword settings static.
     """
@@ -99,6 +102,8 @@ def iterative_decode(logits_fn: LogitsFn, tokens: jax.Array, known: jax.Array, r
     B, N = tokens.shape
     static_counts = None
     if num_known is not None:
+        if compact_logits_fn is None:
+            raise ValueError("unrolled decoding (num_known given) needs compact_logits_fn")
         if not isinstance(counts, np.ndarray) or counts.ndim != 1:
             raise ValueError("unrolled decoding (num_known given) needs host-side counts of shape [S]")
         static_counts = counts.astype(np.int64)
@@ -126,7 +131,7 @@ def iterative_decode(logits_fn: LogitsFn, tokens: jax.Array, known: jax.Array, r
             logits = logits_fn(tokens, known, query)
             qpos = None
         else:  # compact: logits of the queried positions only, and which positions they are
-            logits, qpos = logits_fn(tokens, known, query, sizes=sizes)
+            logits, qpos = compact_logits_fn(tokens, known, query, sizes)
         if logits.ndim == 4:
             logits = guide(logits, weights)
         pos = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N)) if qpos is None else qpos
@@ -161,20 +166,6 @@ def iterative_decode(logits_fn: LogitsFn, tokens: jax.Array, known: jax.Array, r
     if return_trace:
         return GridResult(tokens, decode_step, trace[0], trace[1])
     return GridResult(tokens, decode_step, None, None)
-
-
-def check_counts(counts: np.ndarray, known: np.ndarray) -> None:
-    """Host-side check that each sample's schedule decodes exactly its unknown positions."""
-    counts = np.asarray(counts)
-    unknown = (~np.asarray(known, bool)).sum(-1)
-    totals = counts.sum(-1) if counts.ndim == 2 else np.full_like(unknown, counts.sum())
-    if (counts < 0).any():
-        raise ValueError(f"token schedule has negative counts: {counts.tolist()}")
-    bad = np.nonzero(totals != unknown)[0]
-    if bad.size:
-        b = int(bad[0])
-        raise ValueError(f"token schedule decodes {int(totals[b])} tokens but sample {b} has "
-                         f"{int(unknown[b])} unknown positions")
 
 
 def check_commit_step(commit_step: np.ndarray, known: np.ndarray, counts: np.ndarray) -> None:

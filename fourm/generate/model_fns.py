@@ -22,11 +22,13 @@ from fourm.model import decoding
 Arrays = Mapping[str, jax.Array]
 
 
-def _tile(x: jax.Array, groups: int) -> jax.Array:
+def tile_groups(x: jax.Array, groups: int) -> jax.Array:
+    """(B, ...) -> (G*B, ...): one copy per guidance group."""
     return x if groups == 1 else jnp.tile(x, (groups,) + (1,) * (x.ndim - 1))
 
 
-def _ungroup(x: jax.Array, groups: int) -> jax.Array:
+def split_groups(x: jax.Array, groups: int) -> jax.Array:
+    """(G*B, ...) -> (G, B, ...) (unchanged without guidance)."""
     return x if groups == 1 else x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
 
 
@@ -42,7 +44,7 @@ def with_target_slots(cond: Arrays, mod_index: int, ids: jax.Array, pos: jax.Arr
     extra = dict(enc_ids=ids.astype(jnp.int32), enc_mod=jnp.full(ids.shape, mod_index, jnp.int32),
                  enc_pos=pos.astype(jnp.int32), enc_valid=valid.astype(bool))
     for k, v in extra.items():
-        out[k] = jnp.concatenate([cond[k], _tile(v, groups)], axis=1)
+        out[k] = jnp.concatenate([cond[k], tile_groups(v, groups)], axis=1)
     return out
 
 
@@ -55,38 +57,39 @@ def decoder_slots(mod_index: int, pos: jax.Array, valid: jax.Array, ids: jax.Arr
 
 
 def grid_logits(model, cond: Arrays, name: str, tokens: jax.Array, known: jax.Array,
-                query: jax.Array, groups: int = 1, sizes: tuple[int, int] | None = None
-                ) -> jax.Array:
-    """Logits (B, N, V) (or (G, B, N, V)) of grid target `name` at the `query` positions; with
-    `sizes`, (logits (.., B, Q, V), positions (B, Q)) of the Q queried positions only.
+                query: jax.Array, groups: int = 1) -> jax.Array:
+    """Logits (B, N, V) (or (G, B, N, V)) of grid target `name` at the `query` positions.
 
     Known target positions are encoder inputs; query positions are decoder mask-token queries
-    attending to each other only (the other rows are padding and never read). With static
-    `sizes = (num_known, num_query)` (equal for every sample), the known and queried positions
-    are gathered into exactly-sized slots first: the same result with no padding compute (what
-    an unrolled MaskGIT uses; its sizes shrink/grow per step).
-    """
-    spec = model.spec
-    t = spec.index(name)
+    attending to each other only (the other rows are padding and never read)."""
     b, n = tokens.shape
-    if sizes is None:
-        pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-        enc = with_target_slots(cond, t, tokens, pos, known, groups)
-        qpos, qvalid = pos, query
-    else:
-        n_known, n_query = sizes
-        # At least one slot each, so nothing is zero-sized (an empty one is padding).
-        n_known, n_query = max(int(n_known), 1), max(int(n_query), 1)
-        kpos = _first_true(known, n_known)
-        kids = jnp.take_along_axis(tokens, kpos, axis=1)
-        enc = with_target_slots(cond, t, kids, kpos, jnp.take_along_axis(known, kpos, axis=1), groups)
-        qpos = _first_true(query, n_query)
-        qvalid = jnp.take_along_axis(query, qpos, axis=1)
-    logits = decoding.predict_grid(model, model.encode(enc), name, _tile(qpos, groups),
-                                   _tile(qvalid, groups))  # (G*B, Q, V) float32
-    if sizes is not None:
-        return _ungroup(logits, groups), qpos
-    return _ungroup(logits, groups)
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    enc = with_target_slots(cond, model.spec.index(name), tokens, pos, known, groups)
+    return _predict(model, enc, name, pos, query, groups)
+
+
+def grid_logits_compact(model, cond: Arrays, name: str, tokens: jax.Array, known: jax.Array,
+                        query: jax.Array, sizes: tuple[int, int], groups: int = 1
+                        ) -> tuple[jax.Array, jax.Array]:
+    """`grid_logits` of the Q queried positions only: (logits (.., B, Q, V), positions (B, Q)).
+
+    With static `sizes = (num_known, num_query)` (equal for every sample), the known and queried
+    positions are gathered into exactly-sized slots first: the same result with no padding
+    compute (what an unrolled MaskGIT uses; its sizes shrink/grow per step)."""
+    # At least one slot each, so nothing is zero-sized (an empty one is padding).
+    n_known, n_query = max(int(sizes[0]), 1), max(int(sizes[1]), 1)
+    kpos = _first_true(known, n_known)
+    kids = jnp.take_along_axis(tokens, kpos, axis=1)
+    enc = with_target_slots(cond, model.spec.index(name), kids, kpos,
+                            jnp.take_along_axis(known, kpos, axis=1), groups)
+    qpos = _first_true(query, n_query)
+    return _predict(model, enc, name, qpos, jnp.take_along_axis(query, qpos, axis=1), groups), qpos
+
+
+def _predict(model, enc: Arrays, name: str, qpos: jax.Array, qvalid: jax.Array, groups: int):
+    logits = decoding.predict_grid(model, model.encode(enc), name, tile_groups(qpos, groups),
+                                   tile_groups(qvalid, groups))  # (G*B, Q, V) float32
+    return split_groups(logits, groups)
 
 
 # ------------------------------------------------------------------------------------------
@@ -94,7 +97,8 @@ def grid_logits(model, cond: Arrays, name: str, tokens: jax.Array, known: jax.Ar
 # ------------------------------------------------------------------------------------------
 def seq_prefill(model, enc_batch: Arrays, name: str, max_len: int):
     """Encoder once, cross-attention keys/values of the context once, an empty self-attention
-    cache of `max_len` positions. The first `seq_step` then feeds the start token at position 0."""
+    cache of `max_len` positions. The first `decoding.ar_step` then feeds the start token at
+    position 0."""
     enc = model.encode(enc_batch)
     b = enc.valid.shape[0]
     # An empty prefix (length 0): the cache starts at position 0; its one padding row is
@@ -102,11 +106,6 @@ def seq_prefill(model, enc_batch: Arrays, name: str, max_len: int):
     _, cache = decoding.ar_prefill(model, enc, name, jnp.zeros((b, 1), jnp.int32),
                                    jnp.zeros((b,), jnp.int32), max_len)
     return cache
-
-
-def seq_step(model, cache, token: jax.Array):
-    """Feed `token` (B,) at the cache's next position; next-token logits (B, V) and the cache."""
-    return decoding.ar_step(model, cache, token)
 
 
 def seq_full_logits(model, enc_batch: Arrays, name: str, ids: jax.Array) -> jax.Array:

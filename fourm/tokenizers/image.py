@@ -158,6 +158,8 @@ def make_pure_fns(cfg) -> tuple[Callable, Callable]:
 class ImageTokenizer:
     """A trained image-like tokenizer: `encode` native batches to token grids and `decode` back."""
 
+    kind = "grid"  # fourm.tokenizer_protocol
+
     def __init__(self, cfg, weights, *, step: int | None = None, source: str = "",
                  chunk_size: int = 64):
         self.cfg = cfg if isinstance(cfg, ml_collections.ConfigDict) else \

@@ -87,6 +87,8 @@ _SPECIAL_RE = re.compile(
 class TextTokenizer:
     """Encode text to ids and back with the fixed 4M-style special-token layout."""
 
+    kind = "sequence"  # fourm.tokenizer_protocol
+
     def __init__(self, model_proto: bytes, meta: Mapping[str, Any], source: str = "<memory>"):
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self._source = source

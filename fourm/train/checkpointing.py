@@ -202,10 +202,6 @@ def _saved_json(directory: str | Path, step: int, item: str) -> dict | None:
     return None
 
 
-def saved_config(directory: str | Path, step: int) -> dict | None:
-    return _saved_json(directory, step, "config")
-
-
 def saved_meta(directory: str | Path, step: int) -> dict | None:
     return _saved_json(directory, step, "meta")
 

@@ -57,15 +57,14 @@ def _microbatches(batch: dict, accum: int) -> dict:
 
 
 def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, grad_accum: int = 1, skip_nonfinite: bool = False,
+                    schedule: optax.Schedule, *, grad_accum: int = 1,
                     groups: dict[str, list[int]] | None = None):
     """step(state, batch) -> (state, metrics). Wrap with jax.jit (shardings, donation) outside.
 
     A non-finite loss or gradient never reaches the parameters: the update is replaced by the old
     state, `metrics["finite"]` is 0 and `metrics["nonfinite/<group>"]` flags the culprits. The
-    trainer then stops (default) or, with `skip_nonfinite`, carries on with the next batch.
+    host (the trainer) decides whether to stop or carry on with the next batch.
     """
-    del skip_nonfinite  # both modes keep the old state; the host decides whether to go on
 
     def loss_and_metrics(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)

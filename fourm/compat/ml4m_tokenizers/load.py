@@ -268,6 +268,8 @@ class Tokenizer:
     size, and other sizes than the trained one get 4M's interpolated position embeddings).
     """
 
+    kind = "grid"  # fourm.tokenizer_protocol
+
     def __init__(self, cfg: TokenizerConfig, state: Mapping[str, np.ndarray], *, name: str = "",
                  raw_config: Mapping[str, Any] | None = None, source: str = ""):
         self.cfg, self.name, self.source = cfg, name or cfg.cls, source
