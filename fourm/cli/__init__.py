@@ -186,6 +186,6 @@ def entry(module_name: str, run_name: str = "run", prog: str | None = None) -> C
 def positive(name: str, value, allow_zero: bool = False):
     """`value` if it is > 0 (or >= 0), else CommandError naming the flag."""
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise CommandError(f"{name}={value}: expected a {'non-negative' if allow_zero else 'positive'} "
-                           "integer")
+        raise CommandError(f"{name}: got {value}, expected a "
+                           f"{'non-negative' if allow_zero else 'positive'} integer")
     return value
