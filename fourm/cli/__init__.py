@@ -149,7 +149,7 @@ def run_command(module, argv: Sequence[str] | None = None,
             print(format_help(prog, module.__doc__, fv))
             return 0
         args = fv(argv)
-    except flags.Error as e:
+    except BAD_INPUT as e:  # flags, and config files that cannot be loaded
         return _error(prog, e)
     if not flags.FLAGS.is_parsed():  # absl.logging reads the global flags
         flags.FLAGS.mark_as_parsed()

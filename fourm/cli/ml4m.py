@@ -1,4 +1,4 @@
-"""fourm-ml4m: official 4M checkpoints -> fourm, and parity checks against 4M fixtures.
+"""`fourm-ml4m`: official 4M checkpoints -> fourm, and parity checks against 4M fixtures.
 
     fourm-ml4m convert SRC_DIR OUT_DIR     # 4M's config.json + model.safetensors -> fourm checkpoint
     fourm-ml4m check FIXTURE_DIR           # forward parity (and generation, when available)
