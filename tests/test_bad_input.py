@@ -259,7 +259,7 @@ def test_batch_must_split_over_devices(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     cfg = load_config("pretrain:smoke", ["batch_size=12", f"data.dir={tmp_path}"])
     check_config(cfg, num_devices=4)  # 12 splits over 4 data-parallel devices
-    with pytest.raises(ConfigError, match=r"batch_size=12 .* not divisible by the 8 data-parallel"):
+    with pytest.raises(ConfigError, match=r"batch_size=12 .* not divisible by the data-parallel size 8"):
         check_config(cfg, num_devices=8)
 
 

@@ -78,5 +78,5 @@ def check_config(config, num_devices: int | None = None) -> None:
         if (batch // accum) % dp:
             raise ConfigError(
                 f"config.batch_size={batch} (per micro-batch {batch // accum}) is not divisible by the "
-                f"{dp} data-parallel devices (config.mesh data x fsdp on {num_devices} devices); use a "
+                f"data-parallel size {dp} (config.mesh data x fsdp on {num_devices} devices); use a "
                 f"multiple of {dp}")
