@@ -300,3 +300,42 @@ def test_platform_and_compilation_cache(monkeypatch, tmp_path):
     assert runtime.cache_dir() == tmp_path / "fourm" / "jax_cache"
     assert runtime.cache_dir("off") is None
     assert runtime.cache_dir(str(tmp_path / "c")) == tmp_path / "c"
+
+
+def test_generate_tokenizer_folder_of_another_modality(files, tmp_path, capsys, monkeypatch):
+    """A folder named for one modality holding another's tokenizer, or two tokenizers of one
+    modality: refused by name (loader stubbed: the check under test is the naming)."""
+    import fourm.tokenizers as toks
+
+    class Tok:
+        def __init__(self, name):
+            self.name, self.vocab_size = name, 64
+
+    monkeypatch.setattr(toks, "load", lambda path: Tok(json.loads((Path(path) / "t.json").read_text())))
+    for folder, name in (("tok_depth@64", "tok_rgb@64"),):
+        (tmp_path / "toks" / folder).mkdir(parents=True)
+        (tmp_path / "toks" / folder / "t.json").write_text(json.dumps(name))
+    out = tmp_path / "out"
+    args = ["--checkpoint", files / "ckpt", "--targets", "depth", "--tokenizers", tmp_path / "toks",
+            "--out", out]
+    _check(capsys, run_cli("fourm-generate", *args), 2,
+           r"toks/tok_depth@64 holds the tokenizer of 'tok_rgb@64', not of 'tok_depth@64'", "fourm-generate")
+    shutil.rmtree(tmp_path / "toks")
+    for folder in ("a", "b"):
+        (tmp_path / "toks" / folder).mkdir(parents=True)
+        (tmp_path / "toks" / folder / "t.json").write_text(json.dumps("tok_depth@64"))
+    _check(capsys, run_cli("fourm-generate", *args), 2,
+           r"toks/a and .*toks/b are both tokenizers of 'tok_depth@64'; keep one", "fourm-generate")
+    assert not out.exists()
+
+
+def test_condition_files_of_every_image_format(files):
+    """.bmp (and the other PIL formats) are read as images, not reported as missing."""
+    from fourm.cli.generate import read_condition
+    from fourm.modalities import get
+
+    rgb = get("rgb@64")
+    png = read_condition(rgb, str(files / "photo.png"), 64)
+    np.testing.assert_array_equal(read_condition(rgb, str(files / "photo.bmp"), 64), png)
+    assert read_condition(get("caption"), str(files / "caption.txt"), 64) == "a red cube"
+    assert read_condition(get("caption"), "a red cube left of a blue sphere", 64).startswith("a red")

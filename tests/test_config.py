@@ -31,3 +31,24 @@ def test_modality_keys_with_at_sign():
     assert c.model.vocab_overrides["caption"] == 5000
     with pytest.raises(ValueError, match="unknown config key 'image_tokenizers.nosuch'"):
         load_config("pretokenize", ["image_tokenizers.nosuch=x"])
+
+
+def test_library_never_imports_the_cli():
+    """cli/ parses flags and calls the library; the library imports no command module (those
+    define flags and process set-up)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "fourm"
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.parent.name == "cli" and path.parent.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if isinstance(node, ast.ImportFrom) and node.module == "fourm":
+                names = [f"fourm.{a.name}" for a in node.names]
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names
+                          if n == "fourm.cli" or n.startswith("fourm.cli.")]
+    assert not offenders, offenders
