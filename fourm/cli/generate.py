@@ -10,8 +10,11 @@ Writes per sample and target a PNG (depth colour-mapped, normals as colours, seg
 its palette, RGB as is, boxes drawn on the RGB) or a .txt (captions, metadata), a side-by-side
 grid of conditions and outputs (grid.png), the tokens (tokens.npz) and generation.json.
 Names may be short (rgb, depth, normals, semseg, caption, det/boxes, metadata) or the model's
-(tok_depth@64). Conditions: images (.png/.jpg), arrays (.npy: token ids or native depth /
-normals / classes), boxes / metadata (.json), text files (.txt) or literal text.
+(tok_depth@64). Conditions: images (.png/.jpg/.bmp/.gif/.tif/.webp), arrays (.npy: token ids
+or native depth / normals / classes), boxes / metadata (.json), text files (.txt) or literal text.
+Sampling defaults to greedy decoding (fourm.generate.defaults, the same as the quickstart's and the
+notebooks'). Prints the time to load, and to generate split into compile and run; compiled programs
+are cached across runs (see `--compilation_cache`).
 
 `fourm-generate-eval --checkpoint DIR --tokenizers DIR` scores RGB -> depth / normals / caption
 on held-out procedural scenes against mean baselines (`fourm.generate.evaluate`).

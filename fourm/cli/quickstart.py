@@ -39,15 +39,14 @@ def run(args, F) -> int:
     if len(args) > 1:
         raise app.UsageError(f"unexpected arguments: {args[1:]}")
     from fourm import quickstart
+    from fourm.hostmem import keep_freed_memory
 
+    keep_freed_memory()  # before JAX's first computation: steps stop re-faulting freed memory
     quickstart.run(F.config)
     return 0
 
 
 def main(argv=None):
-    from fourm.hostmem import keep_freed_memory
-
-    keep_freed_memory()  # before JAX starts its thread pools: steps stop re-faulting freed memory
     _simulate_devices(8)
     rc = run_command(sys.modules[__name__], argv)
     if argv is None:

@@ -31,7 +31,8 @@ def define_flags(fv, argv):
     flags.DEFINE_integer("start", None, "first scene index; alias of config.start", **d)
     flags.DEFINE_string("out", None, "output folder (show: output PNG); alias of config.out / show.out", **d)
     flags.DEFINE_integer("workers", None, "worker processes; alias of config.num_workers", **d)
-    flags.DEFINE_enum("depth_format", None, ["npy", "png16"], "depth files; alias of config.depth_format", **d)
+    flags.DEFINE_enum("depth_format", None, ["npy", "png16"], "depth files; alias of "
+                      "config.depth_format", **d)
     flags.DEFINE_boolean("overwrite", None, "replace earlier output; alias of config.overwrite", **d)
     flags.DEFINE_boolean("skip_bad", None, "skip (and list) bad samples when reading a folder; alias of "
                          "config.skip_bad", **d)

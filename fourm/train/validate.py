@@ -74,7 +74,7 @@ def check_config(config, num_devices: int | None = None) -> None:
             ici, dcn = mesh_shape(config.mesh, num_devices)
         except MeshConfigError as e:
             raise ConfigError(f"config.mesh: {e}") from None
-        dp = ici[AXES.index("data")] * dcn[AXES.index("data")] * ici[AXES.index("fsdp")] * dcn[AXES.index("fsdp")]
+        dp = math.prod(ici[AXES.index(a)] * dcn[AXES.index(a)] for a in ("data", "fsdp"))
         if (batch // accum) % dp:
             raise ConfigError(
                 f"config.batch_size={batch} (per micro-batch {batch // accum}) is not divisible by the "
