@@ -131,7 +131,8 @@ def check_override_keys(cfg: ml_collections.ConfigDict, overrides: Sequence[str]
             near = (difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
                     or difflib.get_close_matches(dotted, known, n=1, cutoff=0.0))
             hint = f"; did you mean --{name}.{near[0]}?" if near else ""
-            raise ConfigKeyError(f"--{name}.{path}: unknown config key {dotted!r}{hint}")
+            raise ConfigKeyError(f"--{name}.{'.'.join(map(str, parts))}: unknown config key "
+                                 f"{dotted!r}{hint}")
 
 
 def define_config_flag(default: str, flag_values=None, argv: Sequence[str] | None = None,
