@@ -303,6 +303,19 @@ def test_platform_and_compilation_cache(monkeypatch, tmp_path):
     assert runtime.cache_dir(str(tmp_path / "c")) == tmp_path / "c"
 
 
+def test_compile_time_is_measured():
+    import jax
+
+    from fourm.runtime import CompileTimer
+
+    with CompileTimer() as ct:
+        jax.jit(lambda x: x * 3 + 1)(np.arange(7.0)).block_until_ready()
+    assert ct.seconds > 0
+    seen = ct.seconds
+    jax.jit(lambda x: x - 2)(np.arange(5.0))  # after the block: not counted
+    assert ct.seconds == seen
+
+
 def test_generate_tokenizer_folder_of_another_modality(files, tmp_path, capsys, monkeypatch):
     """A folder named for one modality holding another's tokenizer, or two tokenizers of one
     modality: refused by name (loader stubbed: the check under test is the naming)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -134,6 +135,10 @@ def run_command(module, argv: Sequence[str] | None = None,
     # Before jax is imported (config files import fourm modules that import it).
     runtime.choose_platform()
     cache = _prescan(argv, "compilation_cache")
+    if cache is None and runtime.CACHE_ENV not in os.environ:
+        # A command whose figures include compile times (fourm-bench) keeps the cache off
+        # unless asked: a warm cache would report loading as compiling.
+        cache = getattr(module, "COMPILATION_CACHE_DEFAULT", None)
     runtime.enable_compilation_cache(cache)
     verbosity = _prescan(argv, "verbosity")
     try:

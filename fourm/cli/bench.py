@@ -24,6 +24,10 @@ from fourm.cli import entry, positive
 from fourm.config import define_config_flag
 
 
+# Figures include compile times: no persistent compilation cache unless --compilation_cache=DIR.
+COMPILATION_CACHE_DEFAULT = "off"
+
+
 def define_flags(fv, argv):
     define_config_flag("bench", fv, argv)
     d = dict(flag_values=fv)
