@@ -7,8 +7,6 @@ code with tiny random weights; its README defines the tiny `unet_patched_tiny` t
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,19 +17,19 @@ from fourm.compat.ml4m_tokenizers import diffusion as D
 from fourm.compat.ml4m_tokenizers import unet as U
 from fourm.model.pretrained import CheckpointError
 
-FIX = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "ml4m" / "tokenizers" / "divae_unet_rgb"
 TINY = dict(patch_size=4, model_channels=32, num_res_blocks=1, attention_resolutions=[2], channel_mult=(1, 2))
 
 
 @pytest.fixture(scope="module")
-def fx():
-    if not FIX.is_dir():
-        pytest.skip(f"fixture folder {FIX} not found")
+def fx(shared_dir):
+    folder = shared_dir / "fixtures" / "ml4m" / "tokenizers" / "divae_unet_rgb"
+    if not folder.is_dir():
+        pytest.skip(f"fixture folder {folder} not found")
     U.register_unet_arch("unet_patched_tiny", **TINY)
-    cfg = json.loads((FIX / "config.json").read_text())
-    tensors = load_file(str(FIX / "model.safetensors"))
-    return dict(cfg=cfg, tensors=tensors, meta=json.loads((FIX / "fixture.json").read_text()),
-                arrays=dict(np.load(FIX / "fixture.npz")), params=U.load_decoder_params(tensors, cfg))
+    cfg = json.loads((folder / "config.json").read_text())
+    tensors = load_file(str(folder / "model.safetensors"))
+    return dict(cfg=cfg, tensors=tensors, meta=json.loads((folder / "fixture.json").read_text()),
+                arrays=dict(np.load(folder / "fixture.npz")), params=U.load_decoder_params(tensors, cfg))
 
 
 def _cfg(fx, **kw):

@@ -247,14 +247,16 @@ def ddpm_step(spec: SchedulerSpec, acp: jax.Array, out, t, x, prev_offset: int, 
 
 # ============================================================================ the loop
 @functools.partial(jax.jit, static_argnames=("arch", "spec", "prev_offset", "eta"))
-def _sample(params, quant, noise, timesteps, acp, key, *, arch: UNetArch, spec: SchedulerSpec,
+def _sample(params, quant, noise, timesteps, acp, key, step_noise, *, arch: UNetArch, spec: SchedulerSpec,
             prev_offset: int, eta: float):
     TRACES[spec.kind] += 1  # runs only while tracing: counts compilations
 
     def body(x, inp):
-        i, t = inp
+        i, t, given = inp
         out = apply_unet(arch, params, x, t, quant).astype(jnp.float32)
-        if spec.kind == "ddpm" or eta > 0:
+        if step_noise is not None:
+            z = given
+        elif spec.kind == "ddpm" or eta > 0:
             z = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
         else:
             z = None
@@ -263,7 +265,7 @@ def _sample(params, quant, noise, timesteps, acp, key, *, arch: UNetArch, spec: 
         return ddim_step(spec, acp, out, t, x, prev_offset, eta, z), None
 
     steps = jnp.arange(timesteps.shape[0])
-    x, _ = jax.lax.scan(body, noise.astype(jnp.float32), (steps, timesteps))
+    x, _ = jax.lax.scan(body, noise.astype(jnp.float32), (steps, timesteps, step_noise))
     return x
 
 
@@ -274,13 +276,15 @@ def initial_noise(key: jax.Array, cfg: Mapping[str, Any], batch: int, image_size
 
 
 def decode(params: Mapping, quant, *, noise, timesteps, cfg: Mapping[str, Any], key: jax.Array | None = None,
-           num_inference_steps: int | None = None, eta: float = 0.0) -> jax.Array:
+           num_inference_steps: int | None = None, eta: float = 0.0, step_noise=None) -> jax.Array:
     """DiVAE.decode_quant: denoise `noise` (x_T, (B, C, H, W)) conditioned on `quant` ((B, latent_dim, h, w)).
 
     timesteps: the int array the reference's scheduler steps through (scheduler_timesteps);
     num_inference_steps: what set_timesteps was called with (sets the step to the previous
     timestep, num_train_timesteps // num_inference_steps); default len(timesteps).
-    key: the randomness of DDPM's ancestral steps and of DDIM with eta > 0 (required there).
+    key: the randomness of DDPM's ancestral steps and of DDIM with eta > 0 (required there);
+    step_noise: instead of `key`, that noise given, (len(timesteps), B, C, H, W) (entry i is used at
+    step i; DDPM ignores the entry of t = 0) - to replay a reference run that recorded its draws.
     Returns float32 images (B, C, H, W), unclipped, like the reference.
     """
     arch, spec = unet_arch(cfg), scheduler_spec(cfg)
@@ -300,10 +304,15 @@ def decode(params: Mapping, quant, *, noise, timesteps, cfg: Mapping[str, Any], 
         raise ValueError(f"noise: image size {noise.shape[2]}x{noise.shape[3]} must be divisible by the "
                          f"UNet patch size {arch.patch_size}")
     needs_key = spec.kind == "ddpm" or eta > 0
-    if needs_key and key is None:
+    if step_noise is not None:
+        step_noise = jnp.asarray(step_noise, jnp.float32)
+        if step_noise.shape != (ts.shape[0], *noise.shape):
+            raise ValueError(f"step_noise: expected {(ts.shape[0], *noise.shape)} (steps, *noise.shape), "
+                             f"got {step_noise.shape}")
+    elif needs_key and key is None:
         raise ValueError(f"decode: the {spec.kind} scheduler{' with eta > 0' if eta > 0 else ''} draws noise "
-                         "at every step; pass key=jax.random.key(...)")
+                         "at every step; pass key=jax.random.key(...) or step_noise")
     steps = int(num_inference_steps or ts.shape[0])
     key = key if key is not None else jax.random.key(0)  # unused when not needed
     return _sample(params, quant, noise, jnp.asarray(ts, jnp.int32), jnp.asarray(alphas_cumprod(spec)), key,
-                   arch=arch, spec=spec, prev_offset=spec.num_train_timesteps // steps, eta=float(eta))
+                   step_noise, arch=arch, spec=spec, prev_offset=spec.num_train_timesteps // steps, eta=float(eta))

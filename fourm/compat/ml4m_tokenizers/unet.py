@@ -343,6 +343,13 @@ def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
     return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
 
 
+def _sub(params: Mapping, *path) -> Mapping:
+    """params of one layer; layers without weights (avg-pool / nearest resampling) have no entry."""
+    for k in path:
+        params = params.get(str(k), {})
+    return params
+
+
 def apply_unet(arch: UNetArch, params: Mapping, sample: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
     """One evaluation: sample (B, C, H, W) at timestep t (scalar or (B,)), cond = quant (B, D, h, w) -> NCHW.
 
@@ -364,14 +371,14 @@ def apply_unet(arch: UNetArch, params: Mapping, sample: jax.Array, t: jax.Array,
     pl, skips = plan(arch), []
     for i, layers in enumerate(pl["input_blocks"]):
         for j, (kind, f) in enumerate(layers):
-            x = _layer(arch, kind, f, params["input_blocks"][str(i)][str(j)], x, emb)
+            x = _layer(arch, kind, f, _sub(params, "input_blocks", i, j), x, emb)
         skips.append(x)
     for j, (kind, f) in enumerate(pl["middle_block"]):
-        x = _layer(arch, kind, f, params["middle_block"][str(j)], x, emb)
+        x = _layer(arch, kind, f, _sub(params, "middle_block", j), x, emb)
     for i, layers in enumerate(pl["output_blocks"]):
         x = jnp.concatenate([x, skips.pop()], axis=-1)
         for j, (kind, f) in enumerate(layers):
-            x = _layer(arch, kind, f, params["output_blocks"][str(i)][str(j)], x, emb)
+            x = _layer(arch, kind, f, _sub(params, "output_blocks", i, j), x, emb)
     x = _conv(params["out"]["2"], jax.nn.silu(_group_norm(params["out"]["0"], x)))
     # Unpatchify NHWC (c, ph, pw) -> NCHW.
     co = arch.out_channels
