@@ -26,6 +26,7 @@ def fx(shared_dir):
     if not folder.is_dir():
         pytest.skip(f"fixture folder {folder} not found")
     U.register_unet_arch("unet_patched_tiny", **TINY)
+    U.register_fixture_unets()  # the module's copy of the README's definition agrees (else: error)
     cfg = json.loads((folder / "config.json").read_text())
     tensors = load_file(str(folder / "model.safetensors"))
     return dict(cfg=cfg, tensors=tensors, meta=json.loads((folder / "fixture.json").read_text()),
@@ -50,10 +51,11 @@ def test_decode_matches_reference(fx):
 
 def test_unet_shares_one_timestep_embedding_over_the_batch(fx):
     a, arch = fx["arrays"], U.unet_arch(fx["cfg"])
-    one = U.apply_unet(arch, fx["params"], a["noise"], jnp.int32(749), a["quant"])
-    per = U.apply_unet(arch, fx["params"], a["noise"], jnp.array([749, 749]), a["quant"])
+    apply = jax.jit(U.apply_unet, static_argnums=0)
+    one = apply(arch, fx["params"], a["noise"], jnp.int32(749), a["quant"])
+    per = apply(arch, fx["params"], a["noise"], jnp.array([749, 749]), a["quant"])
     np.testing.assert_allclose(one, per, atol=1e-6)
-    swapped = U.apply_unet(arch, fx["params"], a["noise"][::-1], jnp.int32(749), a["quant"][::-1])
+    swapped = apply(arch, fx["params"], a["noise"][::-1], jnp.int32(749), a["quant"][::-1])
     np.testing.assert_allclose(one[::-1], swapped, atol=1e-5)  # images are independent
 
 
@@ -204,6 +206,13 @@ def test_config_errors_name_the_key(fx):
         D.scheduler_spec({k: v for k, v in fx["cfg"].items() if k != "zero_terminal_snr"})
     with pytest.raises(ValueError, match="unknown keys \\['width'\\]"):
         U.register_unet_arch("bad", width=3, **TINY)
+    with pytest.raises(ValueError, match="'unet_patched_tiny' is already registered"):
+        U.register_unet_arch("unet_patched_tiny", **{**TINY, "model_channels": 64})
+    with pytest.raises(ValueError, match="config conditioning.*'film'"):
+        U.unet_arch(_cfg(fx, conditioning="film"))
+    assert U.unet_arch(_cfg(fx, conditioning="xattn")) == U.unet_arch(fx["cfg"])  # ignored by the UNet
+    with pytest.raises(ValueError, match="config latent_dim: expected int"):
+        U.unet_arch(_cfg(fx, latent_dim=None))
     a = fx["arrays"]
     with pytest.raises(ValueError, match=r"quant: expected \(B, 32, h, w\)"):
         D.decode(fx["params"], a["quant"][:, :8], noise=a["noise"], timesteps=a["timesteps"], cfg=fx["cfg"])
@@ -217,10 +226,10 @@ def test_config_errors_name_the_key(fx):
 def test_divae_bench_runs_at_tiny_size(fx):
     from fourm.bench.divae import bench_divae_decode, parse_runs
 
-    res = bench_divae_decode("unet_patched_tiny", 32, parse_runs(["ddim:2", "ddpm:2"]), batch=1, iters=1,
-                             encoder_patch=8)
-    assert [r.name for r in res] == ["divae.unet_patched_tiny@32.ddim2", "divae.unet_patched_tiny@32.ddpm2"]
-    assert all(r.seconds > 0 and r.extra["steps"] == 2 for r in res)
+    res = bench_divae_decode("unet_patched_tiny", 32, parse_runs(["ddim:2"]), batch=1, iters=1, encoder_patch=8)
+    assert [r.name for r in res] == ["divae.unet_patched_tiny@32.ddim2"]
+    assert res[0].seconds > 0 and res[0].extra["steps"] == 2 and res[0].extra["latent_grid"] == [4, 4]
     assert res[0].flops is None or res[0].flops > 0
+    assert parse_runs(["ddim:25", "ddpm:1000"]) == [("ddim", 25), ("ddpm", 1000)]
     with pytest.raises(ValueError, match="--runs.*'ddim'"):
         parse_runs(["ddim"])

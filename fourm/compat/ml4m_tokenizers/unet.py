@@ -41,17 +41,35 @@ UNET_ARCHS: dict[str, dict[str, Any]] = {
 }
 _ARCH_KEYS = {"patch_size", "model_channels", "num_res_blocks", "attention_resolutions", "channel_mult",
               *UNET_DEFAULTS}
+CONDITIONING = ("concat", "xattn")
 GROUPS, GN_EPS = 32, 1e-5  # ml-4m's normalization(): GroupNorm32(32, ch), torch's default eps
 
 
+# The tiny size the DiVAE fixture (../shared/fixtures/ml4m/tokenizers/divae_unet_rgb/README.md) registered
+# in ml-4m before building its model; not part of ml-4m. Tests and check-tokenizer register it.
+FIXTURE_UNETS = {"unet_patched_tiny": dict(patch_size=4, model_channels=32, num_res_blocks=1,
+                                           attention_resolutions=(2,), channel_mult=(1, 2))}
+
+
 def register_unet_arch(name: str, **kw) -> None:
-    """Add (or replace) a patched-UNet size under `name`, as ml-4m's `unet_patched(**kw)` builders."""
+    """Add a patched-UNet size under `name`, as ml-4m's `unet_patched(**kw)` builders do.
+
+    Re-registering a name with the same size is a no-op; with another size it is an error.
+    """
     unknown = sorted(set(kw) - _ARCH_KEYS)
     missing = sorted({"patch_size", "model_channels", "num_res_blocks", "attention_resolutions",
                       "channel_mult"} - set(kw))
     if unknown or missing:
         raise ValueError(f"UNet arch {name!r}: unknown keys {unknown}, missing keys {missing}")
-    UNET_ARCHS[name] = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in kw.items()}
+    entry = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in kw.items()}
+    if name in UNET_ARCHS and UNET_ARCHS[name] != entry:
+        raise ValueError(f"UNet arch {name!r} is already registered as {UNET_ARCHS[name]}, not {entry}")
+    UNET_ARCHS[name] = entry
+
+
+def register_fixture_unets() -> None:
+    for name, kw in FIXTURE_UNETS.items():
+        register_unet_arch(name, **kw)
 
 
 # ============================================================================ architecture plan
@@ -92,9 +110,16 @@ def unet_arch(cfg: Mapping[str, Any]) -> UNetArch:
     if a["dims"] != 2 or a["num_classes"] is not None:
         raise ValueError(f"UNet arch {name!r}: only dims=2 without class labels is supported "
                          f"(got dims={a['dims']}, num_classes={a['num_classes']})")
-    size = cfg.get("image_size_dec") or cfg.get("image_size")
-    return UNetArch(in_channels=int(cfg["n_channels"]), out_channels=int(cfg["n_channels"]),
-                    cond_channels=int(cfg["latent_dim"]), image_size=int(size),
+    # ml-4m's UNet always concatenates the upsampled latents; `conditioning` only steers its UViT
+    # decoders ('concat' | 'xattn'), so a UNet DiVAE accepts either and ignores it, as the reference.
+    if cfg.get("conditioning", "concat") not in CONDITIONING:
+        raise ValueError(f"config conditioning: expected one of {list(CONDITIONING)}, got {cfg['conditioning']!r}")
+    for key in ("n_channels", "latent_dim", "image_size"):
+        if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool):
+            raise ValueError(f"config {key}: expected int, got {cfg.get(key, '<missing>')!r}")
+    size = cfg.get("image_size_dec") or cfg["image_size"]
+    return UNetArch(in_channels=cfg["n_channels"], out_channels=cfg["n_channels"],
+                    cond_channels=cfg["latent_dim"], image_size=int(size),
                     **{k: a[k] for k in ("patch_size", "model_channels", "num_res_blocks", "num_heads",
                                          "num_head_channels", "num_heads_upsample", "use_scale_shift_norm",
                                          "resblock_updown", "use_new_attention_order", "conv_resample")},
