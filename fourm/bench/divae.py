@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-
 from fourm.bench.common import Result, peak_rss_bytes, reset_peak_rss, time_calls, xla_flops
 
 

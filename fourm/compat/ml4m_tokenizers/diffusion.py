@@ -156,6 +156,14 @@ def alphas_cumprod(spec: SchedulerSpec) -> np.ndarray:
     return _torch_cumprod_f32(np.float32(1) - betas)
 
 
+@functools.lru_cache(maxsize=16)
+def _alphas_cumprod_cached(spec: SchedulerSpec) -> np.ndarray:
+    """Per-call decode does not rebuild the table (squaredcos is a Python loop over 1000 steps)."""
+    out = alphas_cumprod(spec)
+    out.flags.writeable = False
+    return out
+
+
 def scheduler_timesteps(cfg: Mapping[str, Any], num_steps: int | None = None, mode: str = "trailing") -> np.ndarray:
     """The reference's scheduler.timesteps after set_timesteps(num_steps, mode) (int64, descending).
 
@@ -313,6 +321,8 @@ def decode(params: Mapping, quant, *, noise, timesteps, cfg: Mapping[str, Any], 
         raise ValueError(f"decode: the {spec.kind} scheduler{' with eta > 0' if eta > 0 else ''} draws noise "
                          "at every step; pass key=jax.random.key(...) or step_noise")
     steps = int(num_inference_steps or ts.shape[0])
+    if not 1 <= steps <= spec.num_train_timesteps:
+        raise ValueError(f"num_inference_steps: expected 1..{spec.num_train_timesteps}, got {steps}")
     key = key if key is not None else jax.random.key(0)  # unused when not needed
-    return _sample(params, quant, noise, jnp.asarray(ts, jnp.int32), jnp.asarray(alphas_cumprod(spec)), key,
+    return _sample(params, quant, noise, jnp.asarray(ts, jnp.int32), _alphas_cumprod_cached(spec), key,
                    step_noise, arch=arch, spec=spec, prev_offset=spec.num_train_timesteps // steps, eta=float(eta))
