@@ -232,5 +232,12 @@ def test_divae_bench_runs_at_tiny_size(fx):
     assert res[0].seconds > 0 and res[0].extra["steps"] == 2 and res[0].extra["latent_grid"] == [4, 4]
     assert res[0].flops is None or res[0].flops > 0
     assert parse_runs(["ddim:25", "ddpm:1000"]) == [("ddim", 25), ("ddpm", 1000)]
+    from fourm.bench import suite
+    from fourm.config import load_config
+
+    full = load_config("bench").divae  # what the lead times: the released rgb tokenizer's decoder
+    assert (full.arch, full.image_size, full.encoder_patch, tuple(full.runs)) == \
+        ("unet_patched", 224, 16, ("ddim:25", "ddpm:1000"))
+    assert "divae" in suite.GROUPS and "divae" not in load_config("bench").only
     with pytest.raises(ValueError, match="--runs.*'ddim'"):
         parse_runs(["ddim"])
