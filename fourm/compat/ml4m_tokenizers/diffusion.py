@@ -326,3 +326,15 @@ def decode(params: Mapping, quant, *, noise, timesteps, cfg: Mapping[str, Any], 
     key = key if key is not None else jax.random.key(0)  # unused when not needed
     return _sample(params, quant, noise, jnp.asarray(ts, jnp.int32), _alphas_cumprod_cached(spec), key,
                    step_noise, arch=arch, spec=spec, prev_offset=spec.num_train_timesteps // steps, eta=float(eta))
+
+
+def decode_quant(params: Mapping, quant, cfg: Mapping[str, Any], *, key: jax.Array, steps: int | None = None,
+                 mode: str = "trailing", image_size: int | None = None) -> jax.Array:
+    """DiVAE.decode_quant(quant, timesteps=steps, scheduler_timesteps_mode=mode, image_size=...) with a JAX key.
+
+    x_T and (DDPM) the per-step noise come from `key`; steps None = num_train_timesteps, as the reference.
+    """
+    k_init, k_steps = jax.random.split(key)
+    noise = initial_noise(k_init, cfg, int(np.shape(quant)[0]), image_size)
+    return decode(params, quant, noise=noise, timesteps=scheduler_timesteps(cfg, steps, mode), cfg=cfg,
+                  key=k_steps, num_inference_steps=steps)
