@@ -7,7 +7,7 @@
 The network is ml-4m's `PatchedUNetCondCat` (fourm/vq/models/unet/unet.py): the noisy image is
 cut into P x P patches folded into channels, the quantized latent `quant` is nearest-upsampled to
 that patch grid and concatenated, an ADM-style UNet (GroupNorm(32) ResBlocks with an additive
-timestep embedding, single-head-per-block QKV attention at the listed downsampling rates,
+timestep embedding, QKV self-attention (one head by default) at the listed downsampling rates,
 strided-conv down / nearest+conv up) runs on the patch grid, and the output is unfolded back to
 pixels. DiVAE feeds `quant` straight in: no post-quant projection sits on this path.
 
@@ -85,7 +85,6 @@ class UNetArch:
     num_res_blocks: int
     attention_resolutions: tuple[int, ...]
     channel_mult: tuple[float, ...]
-    image_size: int  # default decode size (the reference's decoder.sample_size)
     num_heads: int = 1
     num_head_channels: int = -1
     num_heads_upsample: int = -1
@@ -117,9 +116,7 @@ def unet_arch(cfg: Mapping[str, Any]) -> UNetArch:
     for key in ("n_channels", "latent_dim", "image_size"):
         if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool):
             raise ValueError(f"config {key}: expected int, got {cfg.get(key, '<missing>')!r}")
-    size = cfg.get("image_size_dec") or cfg["image_size"]
-    return UNetArch(in_channels=cfg["n_channels"], out_channels=cfg["n_channels"],
-                    cond_channels=cfg["latent_dim"], image_size=int(size),
+    return UNetArch(in_channels=cfg["n_channels"], out_channels=cfg["n_channels"], cond_channels=cfg["latent_dim"],
                     **{k: a[k] for k in ("patch_size", "model_channels", "num_res_blocks", "num_heads",
                                          "num_head_channels", "num_heads_upsample", "use_scale_shift_norm",
                                          "resblock_updown", "use_new_attention_order", "conv_resample")},
@@ -127,7 +124,7 @@ def unet_arch(cfg: Mapping[str, Any]) -> UNetArch:
                     channel_mult=tuple(a["channel_mult"]))
 
 
-# A layer of the plan: (kind, torch sub-name, static fields). Kinds: conv, res, attn, down, up.
+# A layer of the plan: (kind, static fields). Kinds: conv, res, attn, down, up.
 def _res(cin, cout, updown=None):
     return ("res", dict(cin=cin, cout=cout, updown=updown))
 
