@@ -25,8 +25,8 @@ from absl import app, flags
 from fourm.config import define_config_flag
 
 _CONFIG = define_config_flag("bench")
-flags.DEFINE_list("only", None, "benchmark groups to run (model, train, generate, tokenizer, scenes, "
-                  "pretokenize, masking, pipeline, trainer, divae); alias of config.only")
+flags.DEFINE_list("only", None, "benchmark groups to run (model, train, generate, tokenizer, ml4m_tokenizer, "
+                  "scenes, pretokenize, masking, pipeline, trainer, divae); alias of config.only")
 flags.DEFINE_list("skip", [], "benchmark groups to leave out")
 flags.DEFINE_boolean("quick", False, "small shapes for a CI smoke run (= --config configs/bench.py:quick)")
 flags.DEFINE_enum("device", None, ["cpu", "gpu"], "cpu (fp32) or gpu (bf16, MFU); alias of config.device")
