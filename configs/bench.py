@@ -39,7 +39,9 @@ def get_config(arg=None):
       target_tokens=32 if quick else 128,
       family="fourm" if quick else "ml4m",  # ml4m = 4M's vocabularies (16384 / 8192 / 30000)
       modalities=QUICK_MODALITIES if quick else REFERENCE_MODALITIES,
-      head_impl="chunked",  # chunked | dense
+      # "" = the model's per-backend default (docs/numerics.md); set them to compare.
+      head_impl="",  # chunked | dense
+      attention_impl="",  # xla | cudnn | jax
       scan_layers=True,
       remat="dots_no_batch",  # the model default
       # >0 replaces the size's depth (encoder and decoder): tests use 1 to compile fast.

@@ -375,3 +375,25 @@ def test_spec_roundtrips_through_config():
     again = ModelSpec.from_config(spec.to_config(), spec.modalities)
     assert again == spec
     assert dataclasses.asdict(again) == dataclasses.asdict(spec)
+
+
+def test_numerics_follow_the_backend(monkeypatch):
+    """Auto impls: the CPU-tuned head and attention on CPU, the library paths on accelerators;
+    an explicit config value always wins."""
+    from fourm.model import layers
+    from fourm.model.fourm_model import head_impl
+
+    bf16 = jnp.bfloat16
+    assert (head_impl(""), layers.attention_impl("", bf16, 64)) == ("chunked", "xla")  # the test backend
+    for backend, attn in (("gpu", "cudnn"), ("tpu", "jax")):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert head_impl("") == "dense" and layers.attention_impl("", bf16, 64) == attn
+        assert layers.attention_impl("", jnp.float32, 64) == "jax"
+        assert head_impl("chunked") == "chunked" and layers.attention_impl("xla", bf16, 64) == "xla"
+    with pytest.raises(ValueError, match="head_impl='fast'"):
+        build_model(small_cfg(head_impl="fast"))
+    monkeypatch.undo()
+    q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 5, 2, 8))
+    mask = jnp.tril(jnp.ones((5, 5), bool))[None, None]
+    np.testing.assert_allclose(layers.attend(q, k, v, mask, "jax", jnp.float32),
+                               layers.attend(q, k, v, mask, "xla", jnp.float32), atol=1e-6)

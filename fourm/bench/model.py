@@ -47,7 +47,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("target_tokens", 128, "decoder slots per sample")
     flags.DEFINE_integer("iters", 5, "timed iterations (after one warm-up)")
     flags.DEFINE_string("dtype", "float32", "compute dtype")
-    flags.DEFINE_string("head_impl", "chunked", "chunked | dense")
+    flags.DEFINE_string("head_impl", "", "chunked | dense (empty: the backend's default)")
     flags.DEFINE_integer("head_chunk", 128, "chunk size of the chunked head")
     flags.DEFINE_boolean("scan_layers", True, "scan over layers (False: unrolled)")
     flags.DEFINE_string("remat", "", "remat policy (empty: the model config's default)")

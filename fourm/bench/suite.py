@@ -81,7 +81,7 @@ def model_config(c, size: str):
     cfg = base_config(size, "swiglu")
     cfg.family, cfg.modalities = c.model.family, list(c.model.modalities)
     cfg.update(dtype=compute_dtype(c), head_impl=c.model.head_impl, scan_layers=c.model.scan_layers,
-               remat=c.model.remat)
+               remat=c.model.remat, attention_impl=c.model.get("attention_impl", ""))
     if c.model.depth:
         cfg.encoder_depth = cfg.decoder_depth = int(c.model.depth)
     return cfg

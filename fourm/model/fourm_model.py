@@ -217,7 +217,7 @@ class FourM(nnx.Module):
         spec = self.spec
         head_ids = self.target_head_ids(batch)
         nll, correct = own_vocab_nll(y.astype(spec.dtype), head_ids, batch["dec_targets"],
-                                     self._head_weights(), impl=spec.head_impl, chunk=spec.head_chunk)
+                                     self._head_weights(), impl=head_impl(spec.head_impl), chunk=spec.head_chunk)
         return nll, correct, head_ids
 
     def target_loss(self, y: jax.Array, batch: Mapping[str, jax.Array], head_ids: jax.Array,
@@ -226,10 +226,22 @@ class FourM(nnx.Module):
         alongside the head's forward pass (see `fourm.model.heads.own_vocab_loss`)."""
         spec = self.spec
         return own_vocab_loss(y.astype(spec.dtype), head_ids, batch["dec_targets"], self._head_weights(),
-                              token_weights, impl=spec.head_impl, chunk=spec.head_chunk)
+                              token_weights, impl=head_impl(spec.head_impl), chunk=spec.head_chunk)
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         return self.decode(self.encode(batch), batch)
+
+
+def head_impl(configured: str) -> str:
+    """The output head + cross-entropy; "" (auto) picks one per backend, an explicit value wins.
+
+    "chunked" (`fourm.model.heads`: logits only over each slot's own vocabulary, loss gradients
+    inside the forward loops) was written for and measured on XLA:CPU, where it is the auto
+    choice; accelerators get "dense", plain cross-entropy over every head's logits, until a
+    measurement there says otherwise (docs/numerics.md)."""
+    if configured:
+        return configured
+    return "chunked" if jax.default_backend() == "cpu" else "dense"
 
 
 def self_attention_mask(key_valid: jax.Array, causal: jax.Array, *, same: jax.Array | None = None,

@@ -18,13 +18,9 @@ the model). Per-sample Dirichlet budgets make the per-modality counts data-depen
    are ever stored (memory O(C) instead of O(T x V)). Any other cotangent of the per-slot nll
    (`own_vocab_nll` under autodiff) re-runs the loops and recomputes the logits (4 matmuls).
 
-Alternatives measured on CPU (tiny shapes, 1024 tokens, V = 16384/8192/30000): all heads for
-all tokens 0.32 s fwd; `lax.ragged_dot` over vocab-padded stacked heads 0.48 s (dense fallback
-on CPU, and padding every head to the largest vocabulary); differentiating a scan+switch 1.2 s
-fwd+bwd (carry copies of every dW per step); this scheme 0.10 s fwd. With the loss gradients in
-the forward loop (and argmax without XLA:CPU's slow variadic reduce), forward+backward of the
-head went from 1.29 to 0.71 CPU-s. `head_impl="dense"` keeps the straightforward version as a
-reference.
+This scheme was chosen over the alternatives by measurements on XLA:CPU (docs/numerics.md), and
+is the default there; `head_impl="dense"` (every head on every slot, plain cross-entropy) is the
+default on accelerators and the reference (`fourm.model.fourm_model.head_impl`).
 
 Under a mesh with batch axes, the chunked path runs inside `shard_map` over those axes, so each
 device buckets only its own slots (a global bucketing would gather all decoder outputs on every

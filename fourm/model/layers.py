@@ -49,8 +49,8 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     """Contract the last `n_in` axes of x with the first `n_in` axes of w, as one 2D matmul.
 
     Flattening the token axes (B, N) into one matters on XLA:CPU: with two batch-like axes its
-    weight-gradient dots go through transposing copies, and an MLP's backward pass gets ~2x
-    slower (measured: SwiGLU MLP grad 155 ms with (B, N, D) inputs vs 77 ms flattened)."""
+    weight-gradient dots go through transposing copies and an MLP's backward pass gets slower
+    (docs/numerics.md)."""
     lead, k = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
     out = w.shape[n_in:]
     y = x.reshape(-1, math.prod(k)) @ w.reshape(math.prod(k), -1)
@@ -65,15 +65,26 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 
 
+ATTENTION_IMPLS = ("xla", "cudnn", "jax")
+
+
 def attention_impl(spec_impl: str, dtype, head_dim: int) -> str:
-    """cuDNN flash attention on GPUs for half precision and head dims it supports (multiples of 8
-    up to 128), XLA elsewhere (the only CPU choice). An explicit config value always wins."""
+    """The attention kernel; "" (auto) picks one per backend, an explicit config value wins.
+
+    "xla": `_attend_xla`, written for XLA:CPU (the auto choice on CPU, where it was measured
+    faster; docs/numerics.md). "cudnn": cuDNN flash attention (auto on GPUs for half precision
+    and head dims it supports: multiples of 8 up to 128). "jax": `jax.nn.dot_product_attention`
+    with the implementation left to JAX (auto on every other accelerator: the library path,
+    until a measurement there says the hand-written one is faster)."""
     if spec_impl:
         return spec_impl
-    if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "xla"
+    if (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
             and head_dim % 8 == 0 and head_dim <= 128):
         return "cudnn"
-    return "xla"
+    return "jax"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,22 +202,21 @@ def attend(q, k, v, mask, impl: str, dtype) -> jax.Array:
 
     `mask` is boolean, True = may attend, broadcastable to (B, H, Nq, Nk). A query row with no
     visible key (a padding slot) gets a uniform average instead of NaN, like 4M's -finfo.max fill.
-    "cudnn" runs `jax.nn.dot_product_attention`'s flash kernel; "xla" is `_attend_xla`.
+    `impl` as in `attention_impl`.
     """
     q = constrain(q, ("batch", "seq", "act_heads", None))
     impl = attention_impl(impl, dtype, q.shape[-1])
     if impl == "xla":
         return _attend_xla(q, k, v, mask)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5,
+                                        implementation=None if impl == "jax" else impl)
 
 
 def _attend_xla(q, k, v, mask) -> jax.Array:
     """The maths of jax.nn.dot_product_attention(implementation="xla"), bit-identical on CPU, with
     heads moved next to the batch axis once. That function keeps (B, N, H, hd) operands in its
     einsums, and XLA:CPU then transposes operands around every score/value matmul of the
-    backward pass; this version runs attention forward+backward 1.6x faster on CPU (tiny
-    shapes: 15.2 -> 9.6 ms). (Transposing the packed qkv projection once instead of q, k and v
-    separately measured no faster.)"""
+    backward pass (the measurement: docs/numerics.md)."""
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, H, N, hd)
     scale = jnp.asarray(q.shape[-1] ** -0.5, jnp.promote_types(q.dtype, jnp.float32))
     s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=scale.dtype) * scale

@@ -75,8 +75,10 @@ def model_config(size: str = "tiny", variant: str = "swiglu") -> ml_collections.
     # memory, and on XLA:CPU 5-8% faster than none (fewer residual buffers to write and fault in).
     c.remat = "dots_no_batch"
     c.scan_layers = True  # lax.scan over stacked blocks (False: fully unrolled, same params)
-    c.attention_impl = ""  # "" = auto (cudnn for bf16/fp16 on GPU, else xla) | xla | cudnn
-    c.head_impl = "chunked"  # chunked: logits only over each token's own vocabulary | dense
+    # "" = per backend: the hand-tuned CPU paths on CPU, the library paths on accelerators
+    # (fourm.model.layers.attention_impl, fourm.model.fourm_model.head_impl; docs/numerics.md).
+    c.attention_impl = ""  # xla (hand-written, CPU) | cudnn | jax (jax.nn.dot_product_attention)
+    c.head_impl = ""  # chunked: logits only over each token's own vocabulary | dense: plain CE
     c.head_chunk = 128  # target tokens per head matmul in the chunked head
     c.loss_type = "mod"  # mod: mean over target modalities of their mean CE (4M) | token
     return c

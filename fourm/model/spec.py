@@ -50,7 +50,7 @@ class ModelSpec:
     remat: str = "dots_no_batch"
     scan_layers: bool = True
     attention_impl: str = ""
-    head_impl: str = "chunked"
+    head_impl: str = ""  # "" = per backend (fourm.model.fourm_model.head_impl)
     head_chunk: int = 128
     loss_type: str = "mod"
 
@@ -136,6 +136,12 @@ class ModelSpec:
             raise ValueError(f"config.model.act={self.act!r}; known: silu, gelu, gelu_tanh, relu")
         if self.loss_type not in ("mod", "token"):
             raise ValueError(f"config.model.loss_type={self.loss_type!r}; known: mod, token")
+        if self.head_impl not in ("", "chunked", "dense"):
+            raise ValueError(f"config.model.head_impl={self.head_impl!r}; known: chunked, dense "
+                             f"(or empty: chosen per backend)")
+        if self.attention_impl not in ("", "xla", "cudnn", "jax"):
+            raise ValueError(f"config.model.attention_impl={self.attention_impl!r}; known: xla, "
+                             f"cudnn, jax (or empty: chosen per backend)")
         if self.head_chunk <= 0:
             raise ValueError(f"config.model.head_chunk must be positive, got {self.head_chunk}")
 
