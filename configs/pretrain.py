@@ -63,9 +63,6 @@ def get_config(arg="tiny"):
   c.ckpt_every = 200
   c.keep_checkpoints = 3
   c.async_checkpoint = True
-  # Tests only: the trainer sends itself `debug_signal` (SIGTERM, SIGKILL) right after this step.
-  c.debug_signal_at_step = -1
-  c.debug_signal = "SIGKILL"
 
   if arg == "smoke":
     c.model.update(dim=64, encoder_depth=2, decoder_depth=2, num_heads=2)

@@ -10,8 +10,11 @@ test checks that all runs compiled the same program before it compares bits).
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -26,7 +29,7 @@ from fourm.train import checkpointing, metrics, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
-# Same config for every run here (the debug signal fields do not change the compiled program).
+# Same config for every run here (one compiled program, shared through the compilation cache).
 OVERRIDES = [f"num_train_steps={STEPS}", "ckpt_every=4", "log_every=1", "eval_every=8",
              "eval_batches=1", "keep_checkpoints=5"]
 
@@ -98,6 +101,32 @@ def cli(shards, workdir, *extra, env=None):
                           text=True, timeout=900)
 
 
+def signal_at(shards, workdir, step, sig, env):
+    """Run the trainer and send it a real `sig` (SIGTERM: preemption, SIGKILL: crash) once its
+    metrics show `step` done. Returns the finished process with its stdout/stderr as text."""
+    cmd = [sys.executable, "-m", "fourm.cli.train", "--config", "configs/pretrain.py:smoke",
+           f"--config.data.dir={shards}", "--workdir", str(workdir),
+           *[f"--config.{o}" for o in OVERRIDES]]
+    out, err = (open(Path(workdir).with_name(f"{Path(workdir).name}.{s}.{sig.name}"), "w+")
+                for s in ("out", "err"))
+    p = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=err, text=True)
+    deadline = time.monotonic() + 900
+    while p.poll() is None and time.monotonic() < deadline:
+        if max(_logged_steps(workdir), default=0) >= step:
+            p.send_signal(sig)
+            break
+        time.sleep(0.01)
+    p.wait(timeout=900)
+    out.seek(0), err.seek(0)
+    return subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read())
+
+
+def _logged_steps(workdir) -> list[int]:
+    path = Path(workdir) / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [int(m) for m in re.findall(r'"step": (\d+)', text)]
+
+
 def test_loss_falls_and_metrics_are_written(straight):
     workdir = straight
     loss = losses(workdir)
@@ -121,23 +150,27 @@ def test_loss_falls_and_metrics_are_written(straight):
 
 
 def test_exact_resume_after_sigterm_and_sigkill(straight, shards, tmp_path, jax_cache):
-    """Preempted at 3 (SIGTERM: save, exit 0), killed at 6 (SIGKILL), resumed to the end: every
-    loss, every parameter and all optimizer state are bitwise those of the straight run."""
+    """Preempted (a real SIGTERM once step 2 is logged: save, exit 0), killed (SIGKILL a step
+    after the resume), resumed to the end: every loss, every parameter and all optimizer state
+    are bitwise those of the straight run. The signals arrive when they arrive: the steps they
+    hit are read back from the runs' output."""
     ref_dir, cache = straight, jax_cache
     workdir = tmp_path / "resumed"
-    p1 = cli(shards, workdir, "--config.debug_signal_at_step=3", "--config.debug_signal=SIGTERM", env=cache)
+    p1 = signal_at(shards, workdir, 2, signal.SIGTERM, cache)
     assert p1.returncode == 0, p1.stderr[-3000:]
-    assert "preempted, checkpoint saved at step 3" in p1.stdout
-    assert (workdir / "checkpoints" / "3").is_dir()
-    p2 = cli(shards, workdir, "--config.debug_signal_at_step=6", "--config.debug_signal=SIGKILL", env=cache)
-    assert p2.returncode == -9, p2.stderr[-3000:]
-    assert "resumed from step 3" in p2.stderr
+    saved = re.search(r"preempted, checkpoint saved at step (\d+)", p1.stdout)
+    assert saved and 2 <= int(saved[1]) < STEPS, (p1.stdout[-2000:], p1.stderr[-3000:])
+    first = int(saved[1])
+    assert (workdir / "checkpoints" / str(first)).is_dir()
+    p2 = signal_at(shards, workdir, first + 1, signal.SIGKILL, cache)
+    assert f"resumed from step {first}" in p2.stderr, p2.stderr[-3000:]
+    assert p2.returncode == -9, "the run finished before the SIGKILL reached it: " + p2.stderr[-2000:]
     p3 = cli(shards, workdir, env=cache)
     assert p3.returncode == 0, p3.stderr[-3000:]
-    # The newest checkpoint complete before the kill: 4, or 3 when the kill interrupted the
-    # asynchronous save of step 4 (then reported as partial and ignored).
-    assert "resumed from step 4" in p3.stderr or (
-        "resumed from step 3" in p3.stderr and "partial checkpoint" in p3.stderr), p3.stderr[-3000:]
+    # The newest checkpoint complete before the kill (an interrupted asynchronous save is
+    # reported as partial and ignored).
+    second = int(re.search(r"resumed from step (\d+)", p3.stderr)[1])
+    assert second >= first, p3.stderr[-3000:]
     # Bits can only match if every process ran the same program: a source edit while this test
     # runs (or other XLA_FLAGS) shows here, named, rather than as a few unequal bits below.
     steps = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())

@@ -422,8 +422,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trai
                 last_saved = step
             if eval_batches and (step % config.eval_every == 0 or step == total):
                 writer.write(step, run_eval(state), split="eval")
-            if step == config.debug_signal_at_step:  # tests: a preemption / crash right here
-                os.kill(os.getpid(), getattr(signal, config.debug_signal))
         if pending is not None:
             last = finish_step(*pending)
         if step == total and not preempted:
