@@ -312,7 +312,7 @@ def test_recipes_build_the_registry_grids(recipe, arg, grid):
 
 
 def test_tokenizer_mesh_uses_every_device_or_the_first_n():
-    from fourm.tokenizers.train import make_mesh
+    from fourm.tokenizers.train import data_parallel_mesh as make_mesh
 
     cfg = base_config("rgb", "tok_rgb", dict(kind="image", channels=3), "64")
     assert make_mesh(cfg).devices.size == jax.device_count()

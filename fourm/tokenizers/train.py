@@ -56,7 +56,9 @@ def prepare_workdir(cfg, workdir: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Mesh and optimizer
 # ---------------------------------------------------------------------------------------------
-def make_mesh(cfg) -> jax.sharding.Mesh:
+def data_parallel_mesh(cfg) -> jax.sharding.Mesh:
+    """A 1-D ("data",) mesh over the first `train.devices` devices (tokenizers train data-parallel;
+    the model's (data, fsdp, tensor) mesh is `fourm.train.mesh.make_mesh`)."""
     m = cfg.get("mesh", {})
     if m and (m.get("fsdp", 1) != 1 or m.get("tensor", 1) != 1):
         raise ValueError("tokenizer training is data-parallel only: set mesh.fsdp=1 mesh.tensor=1")
@@ -152,7 +154,7 @@ def train(cfg, *, workdir: str | None = None, steps: int | None = None,
     is_main = jax.process_index() == 0
 
     # --- mesh -------------------------------------------------------------------------------
-    mesh = make_mesh(cfg)
+    mesh = data_parallel_mesh(cfg)
     data_sh = NamedSharding(mesh, P("data"))
     repl = NamedSharding(mesh, P())
 
