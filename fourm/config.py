@@ -49,7 +49,17 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         if not sep:
             raise ValueError(f"override {item!r} must look like key=value")
         apply_override(cfg, key.removeprefix("--config.").removeprefix("config."), value)
+    import_user_modules(cfg)
     return cfg
+
+
+def import_user_modules(cfg) -> list[str]:
+    """Import the modules named by the config field `modules` (and the `fourm.modalities` entry
+    points): users' own fields and modalities are registered before any data or model is touched."""
+    from fourm import modalities
+
+    mods = cfg.get("modules", ()) if hasattr(cfg, "get") else ()
+    return modalities.load_modules((mods,) if isinstance(mods, str) else tuple(mods or ()))
 
 
 def apply_override(cfg: ml_collections.ConfigDict, dotted_key: str, value: str) -> None:
@@ -100,10 +110,17 @@ def define_config_flag(default: str, help_text: str = "ml-collections config fil
     from absl import flags
     from ml_collections.config_flags import config_flags
 
+    class _Holder(flags.FlagHolder):
+        @property
+        def value(self):  # the first read of the config imports the user's modules
+            cfg = super().value
+            import_user_modules(cfg)
+            return cfg
+
     if "config" in flags.FLAGS:
         # A command that uses another command's module as a library (the quickstart imports the
         # text-tokenizer corpus): one --config flag per process, the first command's.
-        return flags.FlagHolder(flags.FLAGS, flags.FLAGS["config"])
+        return _Holder(flags.FLAGS, flags.FLAGS["config"])
 
     class _Parser(config_flags.ConfigFileFlagParser):
         def parse(self, value):
@@ -116,7 +133,8 @@ def define_config_flag(default: str, help_text: str = "ml-collections config fil
         parser=_Parser(name="config", lock_config=False), serializer=flags.ArgumentSerializer(),
         name="config", default=spec, help_string=help_text, flag_values=flags.FLAGS,
         accept_new_attributes=False, sys_argv=None)
-    return flags.DEFINE_flag(flag, flags.FLAGS)
+    flags.DEFINE_flag(flag, flags.FLAGS)
+    return _Holder(flags.FLAGS, flag)
 
 
 def lists_to_tuples(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

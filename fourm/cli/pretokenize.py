@@ -3,6 +3,7 @@
     fourm-pretokenize                                        # configs/pretokenize.py (scenes)
     fourm-pretokenize --config configs/pretokenize.py:text,smoke   # no image tokenizers needed
     fourm-pretokenize --config.source.kind=folder --config.source.folder=DIR --config.source.count=-1
+    fourm-pretokenize --config.augment.enabled=true --config.augment.hflip=0.5   # crops + flips
 
 Rerunning the same command resumes: finished shards are kept, the rest are redone. Prints the
 throughput (samples per second) at the end; it is also stored in the manifest.
@@ -41,6 +42,8 @@ def load_image_tokenizer(path: str):
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from fourm import modalities as registry
+    from fourm.data.augment import Augment
     from fourm.tokenizers.pretokenize import pretokenize
     from fourm.tokenizers.sources import make_source
     from fourm.tokenizers.text import TextTokenizer
@@ -48,14 +51,15 @@ def _main(argv):
     cfg = _CONFIG.value
     source = make_source(cfg.source)
     image_toks = {m: load_image_tokenizer(p) for m, p in cfg.image_tokenizers.items()}
-    needs_text = any(m in ("caption", "det", "metadata") for m in cfg.modalities)
+    needs_text = any(registry.get(m).kind == "sequence" for m in cfg.modalities)
     text_tok = TextTokenizer.load(cfg.text_tokenizer) if needs_text else None
     manifest = pretokenize(
         source, cfg.out_dir, modalities=list(cfg.modalities), image_tokenizers=image_toks,
         text_tokenizer=text_tok, tokenizer_paths=dict(cfg.image_tokenizers, text=cfg.text_tokenizer),
         shard_size=int(cfg.shard_size), batch_size=int(cfg.batch_size),
         workers=int(cfg.workers), source_info=source.info(), default_size=int(cfg.source.resolution),
-        strict_metadata=bool(cfg.strict_metadata), overwrite=bool(cfg.overwrite))
+        strict_metadata=bool(cfg.strict_metadata), overwrite=bool(cfg.overwrite),
+        augment=Augment.from_config(cfg.get("augment")))
     b = manifest["benchmark"]
     print(f"wrote {manifest['num_records']} samples in {len(manifest['shards'])} shards to "
           f"{cfg.out_dir}")

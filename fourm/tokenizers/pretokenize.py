@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -34,6 +35,7 @@ from safetensors.numpy import load as _st_load, save as _st_save
 from tqdm import tqdm
 
 from fourm import modalities as registry
+from fourm.data.augment import Augment, image_size
 from fourm.io import atomic_write
 from fourm.tokenizers import structure
 
@@ -77,10 +79,7 @@ def shard_name(k: int, n: int) -> str:
 
 # ------------------------------------------------------------------------------------ sample -> text
 def _image_size(sample: Mapping[str, Any], default: int) -> tuple[int, int]:
-    for key in ("rgb", "depth", "semseg"):
-        if key in sample:
-            return tuple(np.shape(sample[key])[:2])
-    return (default, default)
+    return image_size(sample) or (default, default)
 
 
 def sample_text(source_field: str, sample: Mapping[str, Any], *, bins: int,
@@ -203,18 +202,22 @@ def tokenize_batch(batch: Sequence[Mapping[str, Any]], specs: Mapping[str, dict]
 
 
 class _Fetch:
-    """Picklable `indices -> [(index, sample)]` for worker processes."""
+    """Picklable `indices -> [(index, sample)]` for worker processes (augmented in the worker,
+    deterministically in (augment.seed, index))."""
 
-    def __init__(self, source):
-        self.source = source
+    def __init__(self, source, augment: Augment | None = None):
+        self.source, self.augment = source, augment
 
     def __call__(self, indices: Sequence[int]):
-        return [(i, self.source[i]) for i in indices]
+        if self.augment is None:
+            return [(i, self.source[i]) for i in indices]
+        return [(i, self.augment(self.source[i], i)) for i in indices]
 
 
-def _sample_iter(source, indices: Sequence[int], pool, workers: int, chunk: int = 4) -> Iterator[dict]:
+def _sample_iter(source, indices: Sequence[int], pool, workers: int, chunk: int = 4,
+                 augment: Augment | None = None) -> Iterator[dict]:
     """Samples in index order; with a pool, a bounded window of chunks is generated ahead."""
-    fetch = _Fetch(source)
+    fetch = _Fetch(source, augment)
     chunks = [indices[i:i + chunk] for i in range(0, len(indices), chunk)]
     if pool is None:
         results = map(fetch, chunks)
@@ -243,7 +246,7 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                 source_info: Mapping[str, Any] | None = None,
                 tokenizer_paths: Mapping[str, str] | None = None, family: str = "fourm",
                 default_size: int = 64, strict_metadata: bool = True, overwrite: bool = False,
-                progress: bool = True,
+                progress: bool = True, augment: Augment | None = None,
                 fail_after_shards: int | None = None) -> dict:
     """Tokenize every sample of `source` (len + random access) into shards; returns the manifest.
 
@@ -269,6 +272,8 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                shard_size=shard_size, modalities=specs,
                value_bins=getattr(text_tokenizer, "value_bins", None), strict_metadata=strict_metadata,
                metadata_spec=_fingerprint({k: vars(v) for k, v in structure.METADATA_SPEC.items()}))
+    if augment is not None:  # (absent, not None, without it: fingerprints of earlier runs hold)
+        run["augment"] = dataclasses.asdict(augment)
     # Tokenizer identity is (version, config_hash); where a tokenizer lives does not matter.
     fingerprint = _fingerprint(dict(run, modalities={
         n: {k: v for k, v in s.items() if k != "tokenizer"} | dict(tokenizer={
@@ -304,7 +309,10 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
     pool = None
     if workers > 0 and todo:
         # spawn, not fork: the parent holds JAX runtime threads, which fork would clone broken.
-        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        # Spawned workers start bare: they import the user's registration modules first.
+        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=registry.load_modules,
+                                      initargs=(registry.loaded_modules(),))
     bar = tqdm(total=total, initial=done_samples, unit="sample", desc="pretokenize",
                disable=not progress)
     t0, processed = time.perf_counter(), 0
@@ -316,7 +324,8 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
             writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
             lengths: dict[str, list[int]] = {n: [] for n, s in specs.items() if s["kind"] == "sequence"}
             try:
-                for batch in _batches(_sample_iter(source, range(lo, hi), pool, workers), batch_size):
+                for batch in _batches(_sample_iter(source, range(lo, hi), pool, workers,
+                                                         augment=augment), batch_size):
                     records = tokenize_batch(batch, specs, image_tokenizers, text_tokenizer,
                                              batch_size=batch_size, default_size=default_size,
                                              strict_metadata=strict_metadata)
