@@ -70,7 +70,7 @@ _REGISTRY: dict[str, dict[str, Modality]] = {"fourm": {}, "ml4m": {}}
 
 def register(mod: Modality, family: str = "fourm", *, overwrite: bool = False) -> Modality:
     table = _REGISTRY.setdefault(family, {})
-    if mod.name in table and not overwrite:
+    if mod.name in table and not overwrite and table[mod.name] != mod:
         raise ValueError(f"modality {mod.name!r} already registered in family {family!r}")
     table[mod.name] = mod
     return mod
