@@ -87,10 +87,11 @@ def sample_text(source_field: str, sample: Mapping[str, Any], *, bins: int,
     """The text a sequence modality tokenizes, made from the sample's `source_field`."""
     if source_field not in sample and not (source_field == "palette" and "rgb" in sample):
         raise KeyError(f"sample has no field {source_field!r} (fields: {sorted(sample)})")
-    if source_field == "boxes":
-        return structure.boxes_to_text(sample["boxes"], _image_size(sample, default_size), bins)
-    if source_field == "metadata":
-        return structure.metadata_to_text(sample["metadata"], bins=bins, strict=strict_metadata)
+    layout = registry.field(source_field).layout if source_field in registry.field_names() else None
+    if layout == "boxes":  # by layout: a registered field of boxes becomes text like "boxes"
+        return structure.boxes_to_text(sample[source_field], _image_size(sample, default_size), bins)
+    if layout == "json":
+        return structure.metadata_to_text(sample[source_field], bins=bins, strict=strict_metadata)
     if source_field == "palette":
         pal = sample.get("palette")
         pal = structure.palette_from_image(np.asarray(sample["rgb"])) if pal is None else pal
