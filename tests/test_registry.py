@@ -138,3 +138,23 @@ def test_files_that_do_not_decode_name_the_file_and_the_reason(registry, tmp_pat
     assert why["000001"] == ("cannot decode .bin file with 'heat''s decode: ValueError: "
                              "checksum mismatch")
     assert why["000002"] == f"wrong shape: expected ({RES}, {RES}), got ({RES}, {RES - 1})"
+
+
+def test_codec_registration(monkeypatch):
+    from fourm.tokenizers import codecs
+
+    monkeypatch.setattr(codecs, "CODECS", dict(codecs.CODECS))
+
+    @codecs.register_codec
+    class Heat(codecs.Codec):
+        kind = "heat"
+        in_channels = out_channels = 1
+
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(dict(modality="heat", codec=dict(kind="heat")))
+    assert isinstance(codecs.make_codec(cfg), Heat)
+    with pytest.raises(ValueError, match="already registered"):
+        codecs.register_codec(type("Other", (codecs.Codec,), {"kind": "heat"}))
+    with pytest.raises(ValueError, match="Codec subclass"):
+        codecs.register_codec(int)

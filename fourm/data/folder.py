@@ -29,13 +29,18 @@ from typing import Any, Iterable, Mapping, Sequence
 from fourm import modalities as registry
 from fourm.data import fields
 # One import path for users: the format's names, errors and codecs, and the reader.
-from fourm.data.fields import (CONVENTIONS, DEFAULT_DEPTH_SCALE, FORMAT_NAME, FORMAT_VERSION,  # noqa: F401
+from fourm.data.fields import (CONVENTIONS, DEFAULT_DEPTH_SCALE, FORMAT_NAME, FORMAT_VERSION,
                                INTRINSIC_KEYS, FolderError, decode_depth_png16, decode_normals,
                                encode_depth_png16, encode_normals, png_bytes)
-from fourm.data.folder_reader import AlignedFolder  # noqa: F401
+from fourm.data.folder_reader import AlignedFolder
 from fourm.io import atomic_write
 
 atomic_write_bytes = atomic_write  # the data modules' name for fourm.io.atomic_write
+
+__all__ = ["AlignedFolder", "CONVENTIONS", "DEFAULT_DEPTH_SCALE", "FORMAT_NAME", "FORMAT_VERSION",
+           "FolderError", "INTRINSIC_KEYS", "atomic_write_bytes", "decode_depth_png16", "decode_normals",
+           "default_exts", "encode_depth_png16", "encode_normals", "png_bytes", "stem_for", "write_dataset",
+           "write_dataset_json", "write_sample"]
 
 
 def default_exts(names: Iterable[str]) -> dict[str, str]:
