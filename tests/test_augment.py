@@ -124,6 +124,7 @@ def test_pretokenize_applies_the_augmentation(tmp_path):
                         progress=False, augment=aug)
     assert man["fingerprint"] != P.pretokenize(src, tmp_path / "b", modalities=["rgb@64"], shard_size=4,
                                                batch_size=2, progress=False)["fingerprint"]
+    assert man["augment"]["hflip"] == 1.0
     recs, _ = P.open_shards(tmp_path / "a", decode=True)
     for i in range(4):
         assert np.array_equal(recs[i]["rgb@64"], src[i]["rgb"][:, ::-1])

@@ -43,24 +43,6 @@ def get_config(arg=None):
     return c
 '''
 
-PRETOKENIZE_CONFIG = '''import ml_collections
-
-from fourm.config import load_config
-
-
-def get_config(arg=None):
-    c = load_config("pretokenize:text")
-    c.modules = ("my_mods.py",)
-    c.source.update(kind="tfds", tfds_dir="tfds/aligned_folder/1.0.0", resolution=32)
-    c.modalities = ("rgb@32", "tok_edges@32")
-    c.image_tokenizers = ml_collections.ConfigDict({"tok_edges@32": "tokenizers/tok_edges"})
-    c.out_dir = "shards"
-    c.shard_size, c.batch_size, c.workers = 16, 8, 0
-    c.augment.update(enabled=True, hflip=0.5, crop=(0.8, 1.0))
-    return c
-'''
-
-
 def edges_of(semseg: np.ndarray, depth: np.ndarray) -> np.ndarray:
     """255 where the class changes or depth jumps by more than 0.25 m to the next pixel."""
     e = np.zeros(semseg.shape, bool)
@@ -98,7 +80,6 @@ def run(cwd: Path, module: str, *args: str, ok: bool = True) -> subprocess.Compl
 def test_registered_modality_end_to_end(tmp_path):
     (tmp_path / "my_mods.py").write_text(MY_MODS)
     (tmp_path / "edges_tokenizer.py").write_text(TOKENIZER_CONFIG)
-    (tmp_path / "edges_pretokenize.py").write_text(PRETOKENIZE_CONFIG)
     make_folder(tmp_path / "folder")
     mods = "--config.modules=my_mods.py"
 
@@ -113,10 +94,18 @@ def test_registered_modality_end_to_end(tmp_path):
     tok = json.loads((tmp_path / "tokenizers/tok_edges/tokenizer.json").read_text())
     assert tok["tokenizer_config"]["modality"] == "edges"
 
-    run(tmp_path, "fourm.cli.pretokenize", "--config", "edges_pretokenize.py")
+    # The registered name works as a config key (the modules are imported before keys are
+    # checked); worker processes import them too; crops and flips are applied to every field.
+    run(tmp_path, "fourm.cli.pretokenize", "--config", "pretokenize:text", mods,
+        "--config.source.kind=tfds", "--config.source.tfds_dir=tfds/aligned_folder/1.0.0",
+        "--config.source.resolution=32", "--config.modalities=('rgb@32','tok_edges@32')",
+        "--config.image_tokenizers.tok_edges@32=tokenizers/tok_edges", "--config.out_dir=shards",
+        "--config.shard_size=16", "--config.batch_size=8", "--config.workers=2",
+        "--config.augment.enabled=true")
     manifest = json.loads((tmp_path / "shards/manifest.json").read_text())
     assert manifest["num_records"] == 24 and manifest["modalities"]["tok_edges@32"]["shape"] == [4, 4]
     assert manifest["modalities"]["tok_edges@32"]["tokenizer"]["name"] == "tok_edges@32"
+    assert manifest["augment"] == {"seed": 0, "hflip": 0.5, "crop": [0.8, 1.0], "flip_text": True}
 
     # One sample per row of 8 target tokens; head_chunk=32 keeps the loss head's chunk within the
     # 64 target rows of a batch (see fourm.model.heads).

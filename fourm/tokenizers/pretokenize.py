@@ -374,6 +374,8 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                     benchmark=dict(samples=processed, seconds=round(seconds, 3),
                                    samples_per_second=round(rate, 2), workers=workers,
                                    batch_size=batch_size))
+    if augment is not None:
+        manifest["augment"] = run["augment"]
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest
 
