@@ -28,6 +28,15 @@ import numpy as np
 class PathEscapeError(ValueError):
     """A path read from a folder's data resolves outside that folder (symlink or `..`)."""
 
+    def __init__(self, what: str, path: Path, real: Path, folder: Path):
+        self.path, self.real, self.folder = path, real, folder
+        self.reason = (f"resolves to {real}, outside its folder {folder} (a symlink or '..' "
+                       f"leaving the folder); refusing to read it")
+        super().__init__(f"{what} {path} {self.reason}")
+
+    def __reduce__(self):
+        return (type(self), (str(self).split(" ", 1)[0], self.path, self.real, self.folder))
+
 
 def inside(folder: str | os.PathLike, path: str | os.PathLike, what: str = "path") -> Path:
     """`folder / path`, checked: PathEscapeError when, symlinks resolved, it leaves `folder`.
@@ -39,8 +48,7 @@ def inside(folder: str | os.PathLike, path: str | os.PathLike, what: str = "path
     given = Path(folder) / path
     real = given.resolve()  # strict=False: a missing file is the caller's error to name
     if real != root and not real.is_relative_to(root):
-        raise PathEscapeError(f"{what} {given} resolves to {real}, outside its folder {root} "
-                              f"(a symlink or '..' leaving the folder); refusing to read it")
+        raise PathEscapeError(what, given, real, root)
     return given
 
 

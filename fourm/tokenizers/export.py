@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fourm.io import inside
 from fourm.tokenizers.image import (FORMAT_VERSION, ImageTokenizer, abstract_model, make_pure_fns,
                                     unflatten_into)
 
@@ -130,7 +131,7 @@ def export(tok: ImageTokenizer, out_dir, *, platforms=None, overwrite: bool = Fa
 def load_export(path) -> ImageTokenizer:
     """An exported artifact as an `ImageTokenizer` (weights checked against the config)."""
     path = Path(path)
-    missing = [f for f in FILES if not (path / f).exists()]
+    missing = [f for f in FILES if not inside(path, f, "tokenizer export file").exists()]
     if missing:
         raise FileNotFoundError(f"{path} is not a complete tokenizer export: missing {missing}")
     spec = json.loads((path / "config.json").read_text())

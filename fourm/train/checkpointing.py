@@ -328,7 +328,7 @@ class Checkpointer:
                 if dst.exists():
                     dst = self.directory / f"{s}.corrupt.{len(list(self.directory.glob(f'{s}.corrupt*')))}"
                 src.rename(dst)
-                log.warning("moved unreadable checkpoint %s to %s", src, dst)
+                log.warning("moved corrupt checkpoint %s aside to %s", src, dst)
         _sync("fourm_set_aside_corrupt")
         self.manager.reload()
 
