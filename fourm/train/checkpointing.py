@@ -31,6 +31,7 @@ newest checkpoint is bounded (measured by `fourm.bench.integrity`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -97,6 +98,12 @@ def _named_leaves(tree) -> list[tuple[str, Any]]:
     return [(jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+@functools.lru_cache(maxsize=8)
+def _checksum_program(out_sharding):
+    # One jitted function per output sharding: jax then compiles once per state layout, not per save.
+    return jax.jit(lambda xs: [_checksum_and_nonfinite(x) for x in xs], out_shardings=out_sharding)
+
+
 def array_checksums(tree) -> tuple[dict[str, str], dict[str, int]]:
     """({array path: checksum hex}, {array path: NaN/Inf count, where > 0}) of a pytree of arrays,
     computed on the arrays' devices (one small jitted program; only 12 bytes per array move)."""
@@ -105,8 +112,7 @@ def array_checksums(tree) -> tuple[dict[str, str], dict[str, int]]:
     shardings = [getattr(v, "sharding", None) for v in arrays]
     mesh = next((s.mesh for s in shardings if isinstance(s, NamedSharding)), None)
     # Replicated outputs: every process can read them in a multi-process run.
-    out_sh = None if mesh is None else NamedSharding(mesh, P())
-    fn = jax.jit(lambda xs: [_checksum_and_nonfinite(x) for x in xs], out_shardings=out_sh)
+    fn = _checksum_program(None if mesh is None else NamedSharding(mesh, P()))
     if mesh is not None:
         with jax.set_mesh(mesh):
             outs = jax.device_get(fn(arrays))

@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fourm import config as config_lib
 from fourm import modalities as modreg
+from fourm.data.shards import decode_record, open_shards
 from fourm.masking import GrainMasking, MaskingTransform
 from fourm.train import checkpointing, input_pipeline, metrics as metrics_lib, step as step_lib
 from fourm.train.mesh import describe as describe_mesh, make_mesh
@@ -124,7 +125,6 @@ class SelectModalities:
         self.names = list(names)
 
     def __call__(self, data):
-        from fourm.data.shards import decode_record
         rec = decode_record(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
         return {n: rec[n] for n in self.names}
 
@@ -313,7 +313,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str | None, preempt: Pree
     log.info("mesh %s", describe_mesh(mesh))
 
     # ---------------------------------------------------------------- input
-    from fourm.data.shards import open_shards
     if not config.data.dir:
         raise ConfigError("config.data.dir is empty: point it at pre-tokenized shards "
                           "(a fourm pretokenize output folder)")
