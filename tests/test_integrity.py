@@ -279,12 +279,18 @@ def test_resume_drops_later_rows_and_purges_tensorboard(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- benchmark
-def test_integrity_benchmark_runs_on_tiny_shapes(tmp_path):
-    from fourm.bench.integrity import durability_window, shard_verification
+def test_integrity_benchmark_group_runs_on_tiny_shapes():
+    """`fourm-bench --only integrity` (the suite group over fourm.bench.integrity), tiny shapes."""
+    from fourm.bench import suite
+    from fourm.config import load_config
 
-    for policy in (1, -1):
-        r = durability_window(tmp_path / f"ck{policy}", state_mib=1, steps=2, durable_within_steps=policy)
-        assert r["state_bytes"] >= 1 << 20 and 0 < r["blocked_s"] <= r["window_s"] < 60
-        assert 0 <= r["steps_in_window"] <= 2
-    s = shard_verification(num_scenes=8, shard_size=4, repeats=1)
-    assert s["shards"] == 2 and s["bytes"] > 0 and s["verify_s"] > 0 and s["mb_per_s"] > 0
+    c = load_config("bench:quick", ["integrity.state_mib=1", "integrity.steps=2", "integrity.scenes=8"])
+    results = {r.name: r for r in suite.run_group("integrity", c)}
+    assert set(results) == {"integrity.ckpt_durable.within_1", "integrity.ckpt_durable.within_m1",
+                            "integrity.shard_sha256"}
+    for policy in ("1", "m1"):
+        r = results[f"integrity.ckpt_durable.within_{policy}"]
+        assert r.extra["state_bytes"] >= 1 << 20 and 0 < r.extra["blocked_s"] <= r.seconds < 60
+        assert 0 <= r.extra["steps_in_window"] <= 2
+    s = results["integrity.shard_sha256"]
+    assert s.extra["bytes"] > 0 and s.seconds > 0 and s.throughput > 0 and s.unit == "MB/s"
