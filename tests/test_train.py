@@ -156,7 +156,7 @@ def test_exact_resume_after_sigterm_and_sigkill(straight, shards, tmp_path, jax_
     # Restarted when already finished: no step to run, the final rows are still there and reported.
     p4 = cli(shards, workdir, env=cache)
     assert p4.returncode == 0, p4.stderr[-3000:]
-    assert f"done at step {STEPS}; loss {losses(ref_dir)[STEPS]}" in p4.stdout, p4.stdout
+    assert f"done at step {STEPS}; loss {losses(ref_dir)[STEPS]:.4f};" in p4.stdout, p4.stdout
     assert logged_steps(workdir) == logged_steps(ref_dir)
     ref, got = final_state(ref_dir), final_state(workdir)
     assert jax.tree.structure(ref) == jax.tree.structure(got)
