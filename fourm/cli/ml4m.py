@@ -2,6 +2,7 @@
 
     fourm-ml4m convert SRC_DIR OUT_DIR     # 4M's config.json + model.safetensors -> fourm checkpoint
     fourm-ml4m check FIXTURE_DIR           # forward parity (and generation, when available)
+        [--text_tokenizer text_tokenizer_4m_wordpiece_30k.json]   # also compare decoded text
 
 `check` prints one table row per compared array (max |diff| for floats, mismatch counts for
 integers) and exits 0 only if everything matches (floats within --tol absolute, integers exactly,
@@ -23,7 +24,8 @@ USAGE = "usage: fourm-ml4m convert SRC_DIR OUT_DIR | fourm-ml4m check FIXTURE_DI
 RUNTIME_KEYS = ("dtype", "remat", "scan_layers", "attention_impl", "head_impl", "head_chunk")
 
 
-def run(args: list[str], runtime: dict | None = None, tol: float = 1e-4) -> int:
+def run(args: list[str], runtime: dict | None = None, tol: float = 1e-4,
+        text_tokenizer: str | None = None) -> int:
     """The command without absl (tests call this). Returns the exit status."""
     from fourm.compat import ml4m, ml4m_check
     from fourm.model.pretrained import CheckpointError
@@ -35,7 +37,7 @@ def run(args: list[str], runtime: dict | None = None, tol: float = 1e-4) -> int:
             print(f"wrote fourm checkpoint {out} (load with fourm.model.pretrained.load_pretrained)")
             return 0
         if len(args) == 2 and args[0] == "check":
-            rows = ml4m_check.run_check(args[1], tol=tol, **runtime)
+            rows = ml4m_check.run_check(args[1], tol=tol, text_tokenizer=text_tokenizer or None, **runtime)
             print(ml4m_check.format_table(rows))
             ok = ml4m_check.passed(rows)
             failed = [r.name for r in rows if r.ok is False]
@@ -43,7 +45,7 @@ def run(args: list[str], runtime: dict | None = None, tol: float = 1e-4) -> int:
                   f"{len(failed)} failed, {sum(r.ok is None for r in rows)} skipped"
                   + (f" ({', '.join(failed)})" if failed else ""))
             return 0 if ok else 1
-    except (CheckpointError, ml4m_check.FixtureError, KeyError) as e:
+    except (CheckpointError, ml4m_check.FixtureError, KeyError, FileNotFoundError) as e:
         print(f"fourm-ml4m: error: {e}", file=sys.stderr)
         return 2
     print(USAGE, file=sys.stderr)
@@ -55,6 +57,8 @@ def _define_flags():
     # absl flags (e.g. --config) may only be defined once per process.
     config = define_config_flag("model")
     flags.DEFINE_float("tol", 1e-4, "check: absolute tolerance for float arrays")
+    flags.DEFINE_string("text_tokenizer", None, "check: 4M's WordPiece tokenizer JSON; generated text "
+                        "is then decoded and compared too (default: a text_tokenizer*.json in the fixture)")
     return config
 
 
@@ -64,7 +68,7 @@ def main(argv=None):
     def _main(argv):
         cfg = config_flag.value
         runtime = {k: cfg.model[k] for k in RUNTIME_KEYS if "model" in cfg and k in cfg.model}
-        return run(list(argv[1:]), runtime, FLAGS.tol)
+        return run(list(argv[1:]), runtime, FLAGS.tol, FLAGS.text_tokenizer)
 
     app.run(_main, argv=argv)
 
