@@ -186,8 +186,9 @@ def run_target(spec, g: Mapping[str, np.ndarray], run: Run, text_ids: TextIds
         if max_new is None and tgt_mask is not None:  # 4M decodes at most one token per target slot
             max_new = int((~np.asarray(tgt_mask, bool)).sum(-1).max())
         given = None if all(r == [text_ids.sentinel(1)] for r in rows) else _padded(rows, text_ids.pad)
-        return Target(run.target, scheme="autoregressive", max_new_tokens=max_new,
-                      temperature=0.0), given, start
+        # 4M stops only at the target's last sentinel, not at [EOS]
+        return Target(run.target, scheme="autoregressive", max_new_tokens=max_new, temperature=0.0,
+                      stop_at_eos=False), given, start
     if m.kind != "grid":
         raise FixtureError(f"run {run.key!r}: {run.scheme} target {run.target!r} is a {m.kind}")
     given = None
