@@ -315,6 +315,12 @@ def test_generation_replay_follows_generation_json(model, tmp_path):
     report = check_generation(model, tmp_path, loop="scan", compiler_options=FAST_COMPILE)
     assert not report["rgb from depth+text"]["ok"] and report["words"]["ok"]
 
+    # a schedule fourm computes differently from the recorded one is a FAIL row, not a crash
+    runs[0]["token_decoding_schedule"] = "cosine"
+    (tmp_path / "generation.json").write_text(json.dumps({"runs": runs}))
+    report = check_generation(model, tmp_path, loop="scan", compiler_options=FAST_COMPILE)
+    assert report["rgb from depth+text"] == {"schedule_equal": False, "ok": False}
+
     runs[0]["schedule"][0]["temperature"] = 0.7
     (tmp_path / "generation.json").write_text(json.dumps({"runs": runs}))
     with pytest.raises(ml4m_check.FixtureError, match="'rgb from depth\\+text'.*only greedy runs"):
