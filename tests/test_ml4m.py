@@ -356,3 +356,65 @@ def test_generator_reads_and_writes_4m_text(model, shared_dir):
     out = gen.generate({"rgb@224": Normalised(g["cond/rgb@224/tensor"].transpose(0, 2, 3, 1))},
                        [Target("caption", max_new_tokens=20, temperature=0.0)])
     assert out.text["caption"] == [str(g["caption_ar/decoded_text"]).removeprefix("[S_1] ")]
+
+
+def test_check_command_on_another_variant(tmp_path):
+    """`fourm-ml4m check` on a fixture of another size, activation and modalities (GELU MLP with
+    biases, dim 32, tok_normal@224 + det): every row comes from the files, none is named in the
+    code. The variant is a fourm model exported to 4M's format and its reference arrays are
+    fourm's own, so this pins that the check generalises, not 4M numerics (tiny_swiglu does)."""
+    from fourm.compat import ml4m_export
+    from fourm.generate.chain import Generator, Normalised, Target, TextIds
+    from fourm.model.fourm_model import FourM
+    from fourm.model.pretrained import assign_params
+
+    cfg = json.loads((FIXTURE / "config.json").read_text())
+    cfg.update(act_layer="GELU", gated_mlp=False, qkv_bias=True, proj_bias=True, mlp_bias=True,
+               norm_bias=True, dim=32, num_heads=2, encoder_depth=1, decoder_depth=1,
+               domains_in=["rgb@224", "tok_normal@224", "det"], domains_out=["tok_normal@224", "det"])
+    spec = ml4m.spec_from_ml4m(cfg, verbose=False)
+    variant = nnx.eval_shape(lambda: FourM(spec, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(1)
+    assign_params(variant, {k: (rng.normal(size=v.shape) * 0.3).astype(np.float32)
+                            for k, v in flat_params(variant).items()})
+    d = tmp_path / "variant"
+    ml4m_export.export(variant, d)
+    # the tiny batch with its modalities renamed (same lengths and vocabularies: caption -> det,
+    # tok_depth@224 -> tok_normal@224; tok_rgb@224 dropped)
+    ren = {"caption": "det", "tok_depth@224": "tok_normal@224", "rgb@224": "rgb@224"}
+    b = np.load(FIXTURE / "batch.npz", allow_pickle=False)
+    batch = {k.replace(k.split("/")[0], ren[k.split("/")[0]], 1): b[k] for k in b.files if k.split("/")[0] in ren}
+    batch.update(num_encoder_tokens=b["num_encoder_tokens"], num_decoder_tokens=b["num_decoder_tokens"])
+    e = np.load(FIXTURE / "expected.npz", allow_pickle=False)
+    template = {}
+    for k in e.files:
+        mod = k.split("/", 1)[1] if "/" in k else None
+        if mod is None or mod in ren:
+            template[k if mod is None else k.replace(mod, ren[mod])] = e[k]
+    loaded = ml4m.load(d)
+    expected = ml4m_check.compute_fourm_outputs(loaded, batch, template, FAST_COMPILE)
+    expected = {k: v for k, v in expected.items() if k in template or k.startswith("logits_sample/")}
+    expected.update({k: v for k, v in template.items() if k.startswith("logits_sample_pos/")})
+    np.savez(d / "batch.npz", **batch)
+    np.savez(d / "expected.npz", **expected)
+    # one greedy MaskGIT run conditioned on pixels and text
+    g = np.load(FIXTURE / "generation.npz", allow_pickle=False)
+    det = b["raw/caption_ids"][0]
+    det = det[det >= 0]
+    gen = Generator(loaded, loop="scan", text_ids=TextIds(num_sentinels=200), compiler_options=FAST_COMPILE)
+    out = gen.generate({"rgb@224": Normalised(g["cond/rgb@224/tensor"].transpose(0, 2, 3, 1)), "det": det[None]},
+                       [Target("tok_normal@224", steps=1, temperature=0.0)], return_trace=True)
+    arrays = {"cond/rgb@224/tensor": g["cond/rgb@224/tensor"], "cond/det/tensor": det[None],
+              "cond/det/input_mask": np.zeros((1, len(det)), bool),
+              **_grid_arrays("normals", out, "tok_normal@224")}
+    np.savez(d / "generation.npz", **arrays)
+    (d / "generation.json").write_text(json.dumps({"runs": [dict(
+        key="normals", target_domain="tok_normal@224", scheme="maskgit", cond_domains=["rgb@224", "det"],
+        decoding_steps=1, token_decoding_schedule="cosine")]}))
+
+    rows = ml4m_check.run_check(d, compiler_options=FAST_COMPILE)  # what `fourm-ml4m check` runs
+    assert ml4m_check.passed(rows), ml4m_check.format_table(rows)
+    names = {r.name for r in rows if r.ok}
+    for name in ("encoder_out/det", "decoder_out/tok_normal@224", "argmax/det", "normals/token_mismatches"):
+        assert name in names, name
+    assert not any("caption" in n or "depth" in n for n in names)
