@@ -200,7 +200,7 @@ def _bin(v: float, bins: int, what: str) -> int:
     return round(float(v) * (bins - 1))  # Python's round (half to even), as 4M
 
 
-def boxes_to_text(boxes: Iterable[Sequence[Any]], bins: int = 1000) -> str:
+def boxes_to_text(boxes: Iterable[Sequence[Any]], bins: int = ML4M_TEXT_LAYOUT.value_bins) -> str:
     """Boxes (x0, y0, x1, y1, class[, score]) in [0, 1] -> "v0=.. v1=.. v2=.. v3=.. class ...",
     in the given order (4M-21's DetectionTransform.convert_bboxes_to_string; ordering and the
     score threshold are the caller's, see `order_boxes`)."""
@@ -232,7 +232,7 @@ def _value(word: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def text_to_boxes(text: str, bins: int = 1000) -> list[tuple[float, float, float, float, str]]:
+def text_to_boxes(text: str, bins: int = ML4M_TEXT_LAYOUT.value_bins) -> list[tuple[float, float, float, float, str]]:
     """Decoded detection text -> boxes (x0, y0, x1, y1, class) in [0, 1]. Generated text may be
     malformed: an incomplete group (not v0 v1 v2 v3 then a class) is skipped."""
     out, words = [], text.split()
