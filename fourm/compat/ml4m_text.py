@@ -232,7 +232,8 @@ def _value(word: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def text_to_boxes(text: str, bins: int = ML4M_TEXT_LAYOUT.value_bins) -> list[tuple[float, float, float, float, str]]:
+def text_to_boxes(text: str, bins: int = ML4M_TEXT_LAYOUT.value_bins
+                  ) -> list[tuple[float, float, float, float, str]]:
     """Decoded detection text -> boxes (x0, y0, x1, y1, class) in [0, 1]. Generated text may be
     malformed: an incomplete group (not v0 v1 v2 v3 then a class) is skipped."""
     out, words = [], text.split()
