@@ -21,8 +21,8 @@ def get_config(arg=None):
     raise ValueError(f"configs/bench.py: variant {arg!r} not known; use 'quick' or nothing")
   c = common_config()
   c.quick = quick
-  c.only = ["model", "train", "generate", "tokenizer", "scenes", "pretokenize", "masking", "pipeline",
-            "trainer"]
+  c.only = ["model", "train", "generate", "tokenizer", "ml4m_tokenizer", "scenes", "pretokenize", "masking",
+            "pipeline", "trainer"]
   c.device = "cpu"  # cpu | gpu (gpu: bf16 compute, MFU against peak_tflops)
   c.dtype = ""  # compute dtype; "" = float32 on cpu, bfloat16 on gpu
   c.peak_tflops = 989.0  # dense bf16 peak of one H100/H200 SXM, for MFU
@@ -63,6 +63,15 @@ def get_config(arg=None):
       batch=4 if quick else 32,
       captions=200 if quick else 2000,
       tiny=quick,  # the recipes' smoke-test models
+  ))
+
+  # 4M's tokenizers in JAX (fourm.compat.ml4m_tokenizers): ViT VQ-VAE encode at the released size
+  # (vit_b_enc, 224 px, patch 16); quick: the tiny ViT of the tokenizer fixtures.
+  c.ml4m_tokenizer = ml_collections.ConfigDict(dict(
+      enc_type="vit_t_enc" if quick else "vit_b_enc",
+      image_size=32 if quick else 224,
+      patch_size=8 if quick else 16,
+      batch=2 if quick else 8,
   ))
 
   # Scene generator: scenes per second (one process's CPU rate, and wall rate with workers).

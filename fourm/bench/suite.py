@@ -4,7 +4,8 @@
     results, failed = suite.run_suite(load_config("bench:quick"), only=["model", "scenes"])
 
 Groups (`--only` names): model (forward, forward+backward), train (train step), generate (RGB ->
-depth MaskGIT -> caption), tokenizer (VQ encode/decode, text), scenes (generator), pretokenize
+depth MaskGIT -> caption), tokenizer (VQ encode/decode, text), ml4m_tokenizer (4M's ViT VQ-VAE
+encode, ported to JAX), scenes (generator), pretokenize
 (scenes -> tokens -> ArrayRecord shards), masking (4M masking transform), pipeline (shards ->
 grain -> masked batches, as the trainer reads them), trainer (fourm.bench.train: the real trainer's
 step, input and checkpoint on scene shards). Each group is a function `config -> list of
@@ -246,6 +247,15 @@ def bench_tokenizer(c) -> list[Result]:
                          t.captions, tiny=t.tiny)
 
 
+def bench_ml4m_tokenizer(c) -> list[Result]:
+    """4M's tokenizers ported to JAX (fourm.compat.ml4m_tokenizers): ViT VQ-VAE encode."""
+    from fourm.bench.ml4m_tokenizer import bench_vqvae_encode
+
+    t = c.ml4m_tokenizer
+    return [_finish(r) for r in bench_vqvae_encode(t.enc_type, int(t.image_size), int(t.patch_size),
+                                                   int(t.batch), c.iters)]
+
+
 def bench_scenes(c) -> list[Result]:
     from fourm.bench import scenes
 
@@ -395,6 +405,7 @@ def bench_trainer(c) -> list[Result]:
 
 GROUPS: dict[str, Callable] = {
     "model": bench_model, "train": bench_train, "generate": bench_generate, "tokenizer": bench_tokenizer,
+    "ml4m_tokenizer": bench_ml4m_tokenizer,
     "scenes": bench_scenes, "pretokenize": bench_pretokenize, "masking": bench_masking,
     "pipeline": bench_pipeline, "trainer": bench_trainer,
 }

@@ -24,7 +24,7 @@ from absl import app, flags
 from fourm.config import define_config_flag
 
 _CONFIG = define_config_flag("bench")
-flags.DEFINE_list("only", None, "benchmark groups to run (model, train, generate, tokenizer, scenes, "
+flags.DEFINE_list("only", None, "benchmark groups to run (model, train, generate, tokenizer, ml4m_tokenizer, scenes, "
                   "pretokenize, masking, pipeline, trainer); alias of config.only")
 flags.DEFINE_list("skip", [], "benchmark groups to leave out")
 flags.DEFINE_boolean("quick", False, "small shapes for a CI smoke run (= --config configs/bench.py:quick)")

@@ -4,7 +4,12 @@
     fourm-export-tokenizer runs/tokenizers/tok_rgb@64/checkpoints/2000 exports/tok_rgb@64_2000
 
 CKPT is a training run (latest checkpoint, or `--step`) or one of its checkpoints/<step>
-folders. OUT_DIR gets config.json, weights.npz, encode.jaxexport, decode.jaxexport and a README;
+folders, or a 4M tokenizer folder (config.json + model.safetensors, e.g. a released
+EPFL-VILAB/4M_tokenizers_* VQVAE); ViT sizes 4M does not define are given with --ml4m_vit:
+
+    fourm-export-tokenizer 4M_tokenizers_semseg_4k_224 exports/semseg_4m
+    fourm-export-tokenizer tiny_tok exports/tiny --ml4m_vit vit_t_enc:64:2:2,vit_t_dec:64:2:2
+ OUT_DIR gets config.json, weights.npz, encode.jaxexport, decode.jaxexport and a README;
 it appears atomically, and an existing OUT_DIR is only replaced with `--overwrite`.
 """
 
@@ -16,6 +21,8 @@ from absl import app, flags, logging
 
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing OUT_DIR")
+_ML4M_VIT = flags.DEFINE_list("ml4m_vit", [], "4M tokenizers: extra ViT sizes NAME:DIM:DEPTH:HEADS "
+                              "(e.g. vit_t_enc:64:2:2) for names that are not 4M presets")
 _PLATFORMS = flags.DEFINE_list("platforms", None, "platforms the serialized functions are "
                                "lowered for (default cpu,cuda,tpu; cpu alone if those fail)")
 
@@ -31,6 +38,9 @@ def _main(argv):
     ckpt, out = Path(argv[1]), Path(argv[2])
     if out.exists() and not _OVERWRITE.value:  # fail before any work
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if (ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file():
+        _export_ml4m(ckpt, out)
+        return
     step = _STEP.value
     if ckpt.parent.name == "checkpoints" and ckpt.name.isdigit():
         if step is not None and step != int(ckpt.name):
@@ -40,6 +50,24 @@ def _main(argv):
     path = export(tok, out, platforms=_PLATFORMS.value, overwrite=_OVERWRITE.value)
     back = load_export(path)  # proves the artifact loads and matches
     print(f"exported {back.name} step {back.step} ({back.version}) to {path}")
+
+
+def _export_ml4m(src: Path, out: Path) -> None:
+    from fourm.compat.ml4m_tokenizers.config import ViTArch, register_vit
+    from fourm.compat.ml4m_tokenizers.load import load as load_ml4m
+    from fourm.tokenizers.export import export, load_export
+
+    for item in _ML4M_VIT.value:
+        parts = item.split(":")
+        if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
+            raise app.UsageError(f"--ml4m_vit {item!r}: expected NAME:DIM:DEPTH:HEADS, e.g. vit_t_enc:64:2:2")
+        register_vit(parts[0], ViTArch(*(int(p) for p in parts[1:])))
+    if _STEP.value is not None:
+        raise app.UsageError(f"--step does not apply to a 4M tokenizer folder ({src})")
+    tok = load_ml4m(src)
+    path = export(tok, out, platforms=_PLATFORMS.value, overwrite=_OVERWRITE.value)
+    back = load_export(path)  # proves the artifact loads and matches
+    print(f"exported 4M {back.cfg.cls} {back.name} ({back.version}) to {path}")
 
 
 def main():

@@ -3,6 +3,8 @@
     fourm-ml4m convert SRC_DIR OUT_DIR     # 4M's config.json + model.safetensors -> fourm checkpoint
     fourm-ml4m check FIXTURE_DIR           # forward parity (and generation, when available)
         [--text_tokenizer text_tokenizer_4m_wordpiece_30k.json]   # also compare decoded text
+    fourm-ml4m check-tokenizer DIR         # 4M tokenizer parity (tokens, quant, decoded; text: ids,
+                                           # tokens and both decodes)
 
 `check` prints one table row per compared array (max |diff| for floats, mismatch counts for
 integers) and exits 0 only if everything matches (floats within --tol absolute, integers exactly,
@@ -20,7 +22,8 @@ from fourm.config import define_config_flag
 
 FLAGS = flags.FLAGS
 
-USAGE = "usage: fourm-ml4m convert SRC_DIR OUT_DIR | fourm-ml4m check FIXTURE_DIR"
+USAGE = ("usage: fourm-ml4m convert SRC_DIR OUT_DIR | fourm-ml4m check FIXTURE_DIR | "
+         "fourm-ml4m check-tokenizer FIXTURE_DIR")
 RUNTIME_KEYS = ("dtype", "remat", "scan_layers", "attention_impl", "head_impl", "head_chunk")
 
 
@@ -38,18 +41,27 @@ def run(args: list[str], runtime: dict | None = None, tol: float = 1e-4,
             return 0
         if len(args) == 2 and args[0] == "check":
             rows = ml4m_check.run_check(args[1], tol=tol, text_tokenizer=text_tokenizer or None, **runtime)
-            print(ml4m_check.format_table(rows))
-            ok = ml4m_check.passed(rows)
-            failed = [r.name for r in rows if r.ok is False]
-            print(f"\n{'PASS' if ok else 'FAIL'}: {sum(r.ok is True for r in rows)} matched, "
-                  f"{len(failed)} failed, {sum(r.ok is None for r in rows)} skipped"
-                  + (f" ({', '.join(failed)})" if failed else ""))
-            return 0 if ok else 1
+            return _report(ml4m_check, rows)
+        if len(args) == 2 and args[0] == "check-tokenizer":
+            from fourm.compat.ml4m_tokenizers import check as tok_check
+
+            return _report(ml4m_check, tok_check.run_check(args[1], tol=tol))
     except (CheckpointError, ml4m_check.FixtureError, KeyError, FileNotFoundError) as e:
         print(f"fourm-ml4m: error: {e}", file=sys.stderr)
         return 2
     print(USAGE, file=sys.stderr)
     return 2
+
+
+def _report(ml4m_check, rows) -> int:
+    """The table, then one line starting PASS or FAIL; the exit status."""
+    print(ml4m_check.format_table(rows))
+    ok = ml4m_check.passed(rows)
+    failed = [r.name for r in rows if r.ok is False]
+    print(f"\n{'PASS' if ok else 'FAIL'}: {sum(r.ok is True for r in rows)} matched, "
+          f"{len(failed)} failed, {sum(r.ok is None for r in rows)} skipped"
+          + (f" ({', '.join(failed)})" if failed else ""))
+    return 0 if ok else 1
 
 
 def _define_flags():
