@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from fourm import modalities as registry
 from fourm.data import fields
 from fourm.data.fields import FORMAT_NAME, INTRINSIC_KEYS, FolderError
-from fourm.io import atomic_write
+from fourm.io import PathEscapeError, atomic_write, inside
 
 
 def _load_json_file(path: Path, what: str, sample=None, modality=None):
@@ -90,6 +90,10 @@ class AlignedFolder:
         if not path.exists():
             raise FolderError("missing dataset.json (it names the modalities and their file types, the "
                               "resolution and the camera intrinsics; see docs/data_format.md)", path=path)
+        try:
+            inside(self.root, path.name, "dataset.json")
+        except PathEscapeError as e:
+            raise FolderError(e.reason, modality="dataset.json", path=path) from None
         spec = _load_json_file(path, "dataset.json", modality="dataset.json")
 
         def bad(problem):
@@ -218,6 +222,11 @@ class AlignedFolder:
 
         def fail(problem):
             return FolderError(problem, sample=stem, modality=mod, path=path)
+
+        try:  # a symlink (or '..') must not make a dataset read files outside itself
+            inside(self.root, Path(mod) / path.name, "file")
+        except PathEscapeError as e:
+            raise fail(e.reason) from None
 
         return fields.decode_value(registry.field(mod), _read_bytes(path, stem, mod), ext,
                                    resolution=self.resolution, fail=fail, raw=raw,
