@@ -6,8 +6,8 @@ Everything is derived from the fixture: modalities, sizes and budgets from confi
 arrays, so other sizes, variants, modalities, batch sizes and budgets work unchanged.
 
 Sections are pluggable: `register_section(name, fn)` adds `fn(ctx) -> list[Row]`, run after the
-built-in "forward" section with the same loaded model (`ctx.model`). The "generation" section
-turns `fourm.compat.ml4m_generation`'s replay of generation.npz into rows.
+built-in "forward" section with the same loaded model (`ctx.model`); the "generation" section
+replays generation.npz (`fourm.compat.ml4m_generation`).
 """
 
 from __future__ import annotations
@@ -23,35 +23,11 @@ import numpy as np
 
 from fourm.batch import PIXELS_PREFIX
 from fourm.compat import ml4m, ml4m_generation
+from fourm.compat.check_table import FLOAT_TOL, CheckContext, FixtureError, Row  # noqa: F401 (re-exported)
+from fourm.compat.ml4m_text import ML4MTextTokenizer
 from fourm.model.loss import reduce_loss
 from fourm.model.spec import ModelSpec
 
-FLOAT_TOL = 1e-4
-
-
-class FixtureError(ValueError):
-    """A fixture / ml-4m batch that cannot be converted (names the array and the problem)."""
-
-
-@dataclasses.dataclass
-class Row:
-    section: str
-    name: str
-    kind: str  # float | int | bool | argmax | skip
-    shape: tuple
-    value: str  # max abs diff, or mismatch count
-    ok: bool | None  # None = not checked (skipped)
-    note: str = ""
-
-
-@dataclasses.dataclass
-class CheckContext:
-    fixture: Path
-    model: Any
-    spec: ModelSpec
-    tol: float = FLOAT_TOL
-    compiler_options: dict | None = None  # XLA options for the jitted comparisons (tests: fast compile)
-    extras: dict = dataclasses.field(default_factory=dict)
 
 
 _SECTIONS: list[tuple[str, Callable[[CheckContext], list[Row]]]] = []
@@ -309,54 +285,27 @@ def forward_section(ctx: CheckContext) -> list[Row]:
 register_section("forward", forward_section)
 
 
-def generation_section(ctx: CheckContext) -> list[Row]:
-    """One row per compared figure of each of the fixture's generation runs (generation.npz)."""
-    if not (ctx.fixture / "generation.npz").exists():
-        return []
-    # One compiled step body per run (lax.scan); the unrolled loop gives the same results and is
-    # checked against the scan in tests/test_generate_chain.py.
-    report = ml4m_generation.check_generation(ctx.model, ctx.fixture, loop="scan",
-                              compiler_options=ctx.compiler_options)
-    ctx.extras["generation"] = report
-    rows = []
-    for key in ml4m_generation.RUNS:
-        for name, value in report[key].items():
-            if name == "ok":
-                continue
-            if isinstance(value, float):
-                rows.append(Row("generation", f"{key}/{name}", "float", (), f"{value:.3g}",
-                                value <= ml4m_generation.LOGPROB_ATOL))
-            elif isinstance(value, bool):
-                rows.append(Row("generation", f"{key}/{name}", "bool", (), str(value), value))
-            elif name == "num_generated":
-                want = report[key]["expected_num_generated"]
-                rows.append(Row("generation", f"{key}/{name}", "int", (), f"{value} (4M: {want})",
-                                value == want))
-            elif name == "expected_num_generated":
-                continue
-            elif name.endswith("mismatches"):
-                rows.append(Row("generation", f"{key}/{name}", "int", (), f"{value} mismatches",
-                                value == 0))
-            else:
-                rows.append(Row("generation", f"{key}/{name}", "int", (), str(value), None))
-    rows.append(Row("generation", "commit order", "skip", (), "-", None,
-                    "depth_maskgit8 commits the positions 4M's greedy tie-break chose (decode_step)"))
-    return rows
-
-
-register_section("generation", generation_section)
+register_section("generation", ml4m_generation.generation_section)
 
 
 def run_check(fixture: str | Path, tol: float = FLOAT_TOL, model=None, compiler_options: dict | None = None,
-              sections: list[str] | None = None, **runtime) -> list[Row]:
+              sections: list[str] | None = None, text_tokenizer=None, **runtime) -> list[Row]:
     """Load the fixture's checkpoint through the converter (unless `model` is given: one already
     loaded with `fourm.compat.ml4m.load(fixture)`) and run the registered sections (all, or the
-    names in `sections`)."""
+    names in `sections`). `text_tokenizer`: 4M's WordPiece JSON (path or loaded), to compare
+    decoded text too."""
     fixture = Path(fixture)
     if not fixture.is_dir():
         raise FixtureError(f"{fixture}: no such fixture folder")
+    if text_tokenizer is not None and not isinstance(text_tokenizer, ML4MTextTokenizer):
+        try:  # before any work: a wrong path is a bad input, not a late failure
+            text_tokenizer = ML4MTextTokenizer.load(text_tokenizer)
+        except (ValueError, OSError) as e:
+            raise FixtureError(f"text tokenizer: {e}") from None
     model = model if model is not None else ml4m.load(fixture, **runtime)
     ctx = CheckContext(fixture, model, model.spec, tol, compiler_options)
+    if text_tokenizer is not None:
+        ctx.extras["text_tokenizer"] = text_tokenizer
     rows: list[Row] = []
     known = [n for n, _ in _SECTIONS]
     unknown = sorted(set(sections or ()) - set(known))
