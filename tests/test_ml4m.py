@@ -353,7 +353,7 @@ def test_generator_reads_and_writes_4m_text(model, shared_dir):
     if not wp.is_dir():
         pytest.skip("wordpiece fixture not available")
     gen = Generator(model, {"text": ML4MTextTokenizer.load(wp)}, loop="scan", compiler_options=FAST_COMPILE)
-    assert gen.text_ids.num_sentinels == 200
+    assert gen.spec.modality("caption").text.num_sentinels == 200  # the model's layout, checked against the tokenizer's
     b = np.load(FIXTURE / "batch.npz", allow_pickle=False)
     states, _ = gen.prepare({"caption": str(b["raw/caption_text"][1])}, None, [])
     st = states["caption"]
