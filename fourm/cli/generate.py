@@ -334,7 +334,7 @@ def run(argv, F) -> int:
     model = load_model(F.checkpoint)
     spec = model.spec
     gen = Generator(model, load_tokenizers(F.tokenizers), resize=cfg.resize, loop=cfg.loop,
-                    kv_cache=cfg.kv_cache)
+                    kv_cache=cfg.kv_cache, buckets=int(cfg.get("buckets", 4)))
     res = next((m.grid[0] * m.patch_size for m in spec.modalities if m.kind == "pixels"), 64)
     conditions = {}
     for key, value in cond_items:
