@@ -50,10 +50,14 @@ def get_config(arg=None):
   # Generation: RGB -> depth (MaskGIT, cosine schedule) -> caption (greedy, KV cache).
   c.generate = ml_collections.ConfigDict(dict(
       sizes=["tiny"],  # the reference also has base (MaskGIT 5.9 s)
-      batch=1,
+      batches=[1] if quick else [1, 8],  # MaskGIT figures per batch size (time per sample too)
       steps=8,
       caption_tokens=4 if quick else 20,
-      loop="auto",  # auto | scan | unrolled (fourm.generate.chain.Generator)
+      # MaskGIT loop forms to time: auto (= buckets, fourm.generate.stepwise) | buckets:N (N
+      # buckets) | scan | unrolled; names of non-default forms end in .scan / .unrolled /
+      # .bucketsN (compare them in one run).
+      loops=["auto"],
+      buckets=4,  # shape classes per side for the bucketed loop
   ))
 
   # Tokenizers: the repository's recipes with random weights, and the text tokenizer.
