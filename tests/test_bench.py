@@ -22,10 +22,10 @@ from fourm.bench.common import Result
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(args, **kw):
+def _run(args, timeout=300, **kw):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env,
-                          timeout=300, **kw)
+                          timeout=timeout, **kw)
 
 
 def _results():
