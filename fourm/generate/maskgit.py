@@ -89,9 +89,9 @@ def iterative_decode(logits_fn: LogitsFn, tokens: jax.Array, known: jax.Array, r
     Two loop forms, same results: by default one `lax.scan` over steps (one compiled step body,
     padded shapes). With `num_known` (the number of known positions, equal for every sample) and
     host-side `counts` of shape [S], the steps are unrolled instead and each calls
-    `compact_logits_fn(..., sizes=(num_known_now, num_query_now))` with exact static sizes, so the
-    model never computes padding (the encoder grows and the decoder shrinks as tokens are
-    committed); it returns (logits [(G,)B,Q,V], positions int[B,Q]) for the Q queried positions.
+    `compact_logits_fn(..., sizes=(num_known_now, num_query_now))` with exact static sizes, so the model
+    never computes padding (the encoder grows and the decoder shrinks as tokens are committed);
+    it returns (logits [(G,)B,Q,V], positions int[B,Q]) for the Q queried positions.
     Sampling noise is drawn per (sample, position), so both forms draw the same tokens.
     Traceable: wrap in `jax.jit` with logits_fn and the keyword settings static.
     """
@@ -122,32 +122,10 @@ def iterative_decode(logits_fn: LogitsFn, tokens: jax.Array, known: jax.Array, r
     forced = None if commit_step is None else jnp.asarray(commit_step, jnp.int32)
 
     def body(carry, xs, sizes=None):
-        tokens, known, decode_step = carry
-        step, count, temp, weights, key = xs
-        sample_key, choice_key = jax.random.split(key)
-        query = ~known if scheme == "maskgit" else (forced == step) & ~known
-        rows = jnp.arange(B, dtype=jnp.int32)[:, None] * N  # noise row id = b * N + position
-        if sizes is None:
-            logits = logits_fn(tokens, known, query)
-            qpos = None
-        else:  # compact: logits of the queried positions only, and which positions they are
-            logits, qpos = compact_logits_fn(tokens, known, query, sizes)
-        if logits.ndim == 4:
-            logits = guide(logits, weights)
-        pos = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N)) if qpos is None else qpos
-        ids, logp = sample_tokens(logits, sample_key, temp, flt, row_ids=rows + pos)
-        if qpos is not None:
-            bidx = jnp.arange(B)[:, None]
-            ids = jnp.zeros((B, N), jnp.int32).at[bidx, qpos].set(ids)
-            logp = jnp.zeros((B, N), jnp.float32).at[bidx, qpos].set(logp)
-        frac = step.astype(jnp.float32) / S
-        select = _select(scheme, step, (ids, logp), known, count, forced, choice_key,
-                         choice_temperature, frac)
-        tokens = jnp.where(select, ids, tokens)
-        decode_step = jnp.where(select, step, decode_step)
-        carry = (tokens, known | select, decode_step)
-        trace = (jnp.where(query, ids, -1), jnp.where(query, logp, 0.0)) if return_trace else None
-        return carry, trace
+        return grid_step(logits_fn, carry, xs, S, compact_logits_fn=compact_logits_fn, scheme=scheme,
+                         flt=flt, forced=forced,
+                           choice_temperature=choice_temperature, return_trace=return_trace,
+                           sizes=sizes)
 
     xs = (jnp.arange(S, dtype=jnp.int32), counts.T, temperatures, guidance,
           jax.random.split(rng, S))
@@ -166,6 +144,45 @@ def iterative_decode(logits_fn: LogitsFn, tokens: jax.Array, known: jax.Array, r
     if return_trace:
         return GridResult(tokens, decode_step, trace[0], trace[1])
     return GridResult(tokens, decode_step, None, None)
+
+
+def grid_step(logits_fn: LogitsFn, carry, xs, num_steps, *, compact_logits_fn: CompactLogitsFn | None = None,
+              scheme: str, flt: Filter,
+              forced: jax.Array | None, choice_temperature: float, return_trace: bool,
+              sizes: tuple[int, int] | None = None):
+    """One MaskGIT/ROAR step: carry (tokens, known, decode_step), xs (step, count[B], temperature,
+    guidance weights[K], key) -> (carry, (trace ids, trace log-probs) or None).
+
+    The body of `iterative_decode`'s loop, and the whole of a bucketed step
+    (`fourm.generate.stepwise`): `sizes` = static (known slots, query slots), each at least the
+    largest count of any sample this step (padding slots are invalid and never read)."""
+    tokens, known, decode_step = carry
+    step, count, temp, weights, key = xs
+    B, N = tokens.shape
+    sample_key, choice_key = jax.random.split(key)
+    query = ~known if scheme == "maskgit" else (forced == step) & ~known
+    rows = jnp.arange(B, dtype=jnp.int32)[:, None] * N  # noise row id = b * N + position
+    if sizes is None:
+        logits = logits_fn(tokens, known, query)
+        qpos = None
+    else:  # compact: logits of the queried positions only, and which positions they are
+        logits, qpos = compact_logits_fn(tokens, known, query, sizes)
+    if logits.ndim == 4:
+        logits = guide(logits, weights)
+    pos = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N)) if qpos is None else qpos
+    ids, logp = sample_tokens(logits, sample_key, temp, flt, row_ids=rows + pos)
+    if qpos is not None:
+        bidx = jnp.arange(B)[:, None]
+        ids = jnp.zeros((B, N), jnp.int32).at[bidx, qpos].set(ids)
+        logp = jnp.zeros((B, N), jnp.float32).at[bidx, qpos].set(logp)
+    frac = step.astype(jnp.float32) / num_steps
+    select = _select(scheme, step, (ids, logp), known, count, forced, choice_key,
+                     choice_temperature, frac)
+    tokens = jnp.where(select, ids, tokens)
+    decode_step = jnp.where(select, step, decode_step)
+    carry = (tokens, known | select, decode_step)
+    trace = (jnp.where(query, ids, -1), jnp.where(query, logp, 0.0)) if return_trace else None
+    return carry, trace
 
 
 def check_commit_step(commit_step: np.ndarray, known: np.ndarray, counts: np.ndarray) -> None:
