@@ -16,6 +16,7 @@ from typing import Callable
 import ml_collections
 
 from fourm.io import atomic_write_json
+from fourm.quality import table as quality_table
 
 IMAGE_TOKENIZERS = {  # scene field -> (recipe, modality of the tokens)
     "rgb": ("rgb", "tok_rgb@64"),
@@ -239,7 +240,7 @@ def stage_generate(cfg, out: Path) -> dict:
         resolution=cfg.resolution, batch_size=8, train_scenes=min(256, int(cfg.train_scenes)),
         grid_target=grid_target("?", steps=steps),
         caption_target=text_target("caption", max_new_tokens=int(cfg.caption_tokens)),
-        progress=False)
+        checker_scenes=int(cfg.checker_scenes), progress=False)
     print(gen_eval.format_figures(figures))
     return {"figures": figures, "captions": captions,
             "seconds": {k: float(v) for k, v in res.seconds.items()},
@@ -285,8 +286,25 @@ def stage_report(cfg, out: Path) -> dict:
                      + report.img_html("generate/caption_to_rgb.png", "caption -> RGB")
                      + report.table_html([{"figure": k, "value": v} for k, v in figs.items()
                                           if isinstance(v, (int, float))])))
+    quality = write_quality(cfg, done)
+    sections.append(("Quality: the model beside single-task specialists",
+                     report.table_html(quality_table.rows_for_report(quality))
+                     + "<p>quality.json; specialists: <code>python -m fourm.bench.specialists "
+                     "--data WORKDIR --minutes M</code> (null where not measured)</p>"))
     path = report.write_report(root / "report.html", "fourm quickstart", sections)
-    return {"report": str(path)}
+    return {"report": str(path), "quality": str(root / "quality.json")}
+
+
+def write_quality(cfg, done: dict) -> dict:
+    """`workdir/quality.json` (fourm.quality.table's schema) from the generation figures, the
+    stages' wall times and, if `workdir/specialists.json` exists, the specialists' figures."""
+    root = Path(cfg.workdir)
+    minutes = {n: d.get("wall_s", 0.0) / 60 for n, d in done.items() if n in quality_table.STAGE_NAMES}
+    q = quality_table.build(done.get("generate", {}).get("figures", {}), minutes,
+                            quality_table.read_specialists(root / "specialists.json"))
+    quality_table.check_schema(q)
+    _write_json(root / "quality.json", q)
+    return q
 
 
 STAGES = (("scenes", stage_scenes), ("tokenizers", stage_tokenizers),
