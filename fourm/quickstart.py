@@ -4,6 +4,9 @@ Each stage is a function of the quickstart config that writes into `workdir/<sta
 writing `workdir/<stage>/DONE.json` (atomically, with its figures and wall time). A stage whose
 DONE.json exists is skipped; an unfinished one is re-entered, and the stages underneath resume
 (tokenizer/model training from their orbax checkpoints, pre-tokenization shard by shard).
+The report stage also writes `workdir/quality.json` (fourm.quality.table): per task the model's
+figure beside its tokenizer's ceiling, a mean baseline and, when `workdir/specialists.json`
+exists (python -m fourm.bench.specialists --data WORKDIR), the single-task specialist's.
 """
 
 from __future__ import annotations
@@ -281,16 +284,16 @@ def stage_report(cfg, out: Path) -> dict:
     sections.append(("Pretraining", report.img_html("report/loss.png", "training loss per modality")))
     g = done.get("generate", {})
     figs = g.get("figures", {})
+    quality = write_quality(cfg, done)
     sections.append(("Generation on held-out scenes",
                      report.img_html("generate/rgb_to_all.png", "RGB -> depth, normals, segmentation, caption")
                      + report.img_html("generate/caption_to_rgb.png", "caption -> RGB")
+                     + "<h3>Quality: the model beside single-task specialists (quality.json)</h3>"
+                     + report.table_html(quality_table.rows_for_report(quality))
+                     + "<p>specialist: <code>python -m fourm.bench.specialists --data WORKDIR --minutes M"
+                     "</code> writes specialists.json, read here if present ('-' where not measured)</p>"
                      + report.table_html([{"figure": k, "value": v} for k, v in figs.items()
                                           if isinstance(v, (int, float))])))
-    quality = write_quality(cfg, done)
-    sections.append(("Quality: the model beside single-task specialists",
-                     report.table_html(quality_table.rows_for_report(quality))
-                     + "<p>quality.json; specialists: <code>python -m fourm.bench.specialists "
-                     "--data WORKDIR --minutes M</code> (null where not measured)</p>"))
     path = report.write_report(root / "report.html", "fourm quickstart", sections)
     return {"report": str(path), "quality": str(root / "quality.json")}
 

@@ -111,3 +111,18 @@ def test_quality_table_schema_and_gate(tmp_path):
     spec_path.write_text("[1]")
     with pytest.raises(ValueError, match="specialists.json: expected"):
         table.read_specialists(spec_path)
+
+
+def test_quickstart_writes_quality_json(tmp_path):
+    from fourm.config import load_config
+    from fourm.quickstart import write_quality
+
+    cfg = load_config("quickstart:smoke", [f"workdir={tmp_path}"])
+    done = {"pretrain": {"wall_s": 120.0}, "generate": {"wall_s": 30.0, "figures": _figures()},
+            "report": {"wall_s": 1.0}}
+    q = write_quality(cfg, done)
+    assert json.loads((tmp_path / "quality.json").read_text()) == q
+    assert q["minutes"] == {"pretrain": 2.0, "generate": 0.5}
+    assert q["tasks"]["rgb->depth"]["specialist"] is None
+    (tmp_path / "specialists.json").write_text(json.dumps({"minutes": 2, "tasks": {"rgb->semseg": {"miou": 0.5}}}))
+    assert write_quality(cfg, done)["tasks"]["rgb->semseg"]["specialist"] == 0.5
