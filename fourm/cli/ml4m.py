@@ -2,7 +2,9 @@
 
     fourm-ml4m convert SRC_DIR OUT_DIR     # 4M's config.json + model.safetensors -> fourm checkpoint
     fourm-ml4m check FIXTURE_DIR           # forward parity (and generation, when available)
-    fourm-ml4m check-tokenizer DIR         # 4M tokenizer parity (tokens, quant, decoded)
+        [--text_tokenizer text_tokenizer_4m_wordpiece_30k.json]   # also compare decoded text
+    fourm-ml4m check-tokenizer DIR         # 4M tokenizer parity (tokens, quant, decoded; text
+                                           # tokenizers: ids, tokens and both decodes)
 
 `check` prints one table row per compared array (max |diff| for floats, mismatch counts for
 integers) and exits 0 only if everything matches (floats within --tol absolute, integers exactly,
@@ -27,7 +29,7 @@ RUNTIME_KEYS = ("dtype", "remat", "scan_layers", "attention_impl", "head_impl", 
 
 
 def convert_or_check(args: list[str], runtime: dict | None = None, tol: float = 1e-4,
-                     overwrite: bool = False) -> int:
+                     overwrite: bool = False, text_tokenizer: str | None = None) -> int:
     """The command's work for parsed arguments (tests call this). Returns the exit status."""
     from fourm.compat import ml4m, ml4m_check
 
@@ -37,7 +39,8 @@ def convert_or_check(args: list[str], runtime: dict | None = None, tol: float = 
         print(f"wrote fourm checkpoint {out} (load with fourm.model.pretrained.load_pretrained)")
         return 0
     if len(args) == 2 and args[0] == "check":
-        return _report(ml4m_check, ml4m_check.run_check(args[1], tol=tol, **runtime))
+        rows = ml4m_check.run_check(args[1], tol=tol, text_tokenizer=text_tokenizer or None, **runtime)
+        return _report(ml4m_check, rows)
     if len(args) == 2 and args[0] == "check-tokenizer":
         from fourm.compat.ml4m_tokenizers import check as tok_check
 
@@ -62,6 +65,9 @@ def define_flags(fv, argv):
     flags.DEFINE_float("tol", 1e-4, "check: absolute tolerance for float arrays", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "convert: replace the checkpoint in an existing OUT_DIR",
                       flag_values=fv)
+    flags.DEFINE_string("text_tokenizer", None, "check: 4M's WordPiece tokenizer JSON; generated text is "
+                        "then decoded and compared too (default: a text_tokenizer*.json in the fixture)",
+                        flag_values=fv)
 
 
 def run(argv, F) -> int:
@@ -69,7 +75,7 @@ def run(argv, F) -> int:
     runtime = {k: cfg.model[k] for k in RUNTIME_KEYS if "model" in cfg and k in cfg.model}
     if not F.tol >= 0:
         raise ValueError(f"--tol={F.tol}: expected a non-negative number")
-    return convert_or_check(list(argv[1:]), runtime, F.tol, F.overwrite)
+    return convert_or_check(list(argv[1:]), runtime, F.tol, F.overwrite, F.text_tokenizer)
 
 
 main = entry(__name__)
