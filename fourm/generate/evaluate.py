@@ -233,7 +233,8 @@ def caption_to_rgb_figures(held: Sequence[dict], images: Sequence[np.ndarray], r
     for sfx, imgs in (("", images), ("_tokenizer_roundtrip", list(roundtrip)),
                       ("_mean_baseline", [stats["mean_rgb"]] * len(caps))):
         j = checker_lib.judge(imgs, caps)
-        fig[f"caption_rgb_colour_match{sfx}"], fig[f"caption_rgb_count_match{sfx}"] = j["colour_match"], j["count_match"]
+        fig[f"caption_rgb_colour_match{sfx}"] = j["colour_match"]
+        fig[f"caption_rgb_count_match{sfx}"] = j["count_match"]
     if checker_scenes:
         v = checker_lib.validate(checker_scenes)
         fig["checker_colour_accuracy_true"] = v["colour_accuracy"]
