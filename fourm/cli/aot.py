@@ -33,7 +33,7 @@ def _main(argv):
     reports, fits_all = [], True
     for name in _TOPOLOGY.value:
         topo = aot.parse_topology(name)
-        report = aot.compile_train_step(_CONFIG.value, name)
+        report = aot.compile_for_topology(_CONFIG.value, name)
         fits_all &= report.fits(topo.hbm_bytes)
         print(aot.format_report(report, topo.hbm_bytes), flush=True)
         reports.append(dict(dataclasses.asdict(report), peak_bytes=report.peak_bytes,
