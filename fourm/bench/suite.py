@@ -7,7 +7,8 @@ Groups (`--only` names): model (forward, forward+backward), train (train step), 
 depth MaskGIT -> caption), tokenizer (VQ encode/decode, text), scenes (generator), pretokenize
 (scenes -> tokens -> ArrayRecord shards), masking (4M masking transform), pipeline (shards ->
 grain -> masked batches, as the trainer reads them), trainer (fourm.bench.train: the real trainer's
-step, input and checkpoint on scene shards). Each group is a function `config -> list of
+step, input and checkpoint on scene shards), finetune (fourm.bench.finetune: fine-tuning and the
+encoder as a backbone vs training from scratch, held-out quality). Each group is a function `config -> list of
 Result` (fourm.bench.common). Scenes, masking, tokenizers and shards call the per-area benchmark
 functions (fourm.bench.scenes.cpu_rate / measure, fourm.masking.__main__.benchmark,
 fourm.bench.tokenizer, fourm.bench.shards); model, train step, generation and the input pipeline are
@@ -393,10 +394,28 @@ def bench_trainer(c) -> list[Result]:
                f"{f['ckpt_blocking_s']} s", **shared)]
 
 
+def bench_finetune(c) -> list[Result]:
+    """Fine-tuning vs scratch and the encoder as a backbone (fourm.bench.finetune): quality figures
+    on held-out scenes; `seconds` is each run's training wall time."""
+    from fourm.bench import finetune
+
+    fig = finetune.run(c.finetune)
+    print(finetune.format_figures(fig))
+    out = []
+    for group, runs in (("finetune.normals", fig["finetune"]), ("finetune.semseg", fig["backbone"])):
+        for name, r in runs.items():
+            if not isinstance(r, dict):
+                continue
+            out.append(Result(f"{group}.{name}", r["train_s"], None, "",
+                              note=f"held-out loss {r['loss']:.4f}, accuracy {r['accuracy']:.4f}",
+                              extra=dict(heldout_loss=r["loss"], heldout_accuracy=r["accuracy"])))
+    return out
+
+
 GROUPS: dict[str, Callable] = {
     "model": bench_model, "train": bench_train, "generate": bench_generate, "tokenizer": bench_tokenizer,
     "scenes": bench_scenes, "pretokenize": bench_pretokenize, "masking": bench_masking,
-    "pipeline": bench_pipeline, "trainer": bench_trainer,
+    "pipeline": bench_pipeline, "trainer": bench_trainer, "finetune": bench_finetune,
 }
 
 

@@ -9,7 +9,7 @@
 Prints, per figure: name | time | CPU time | throughput | peak mem | FLOPs | FLOP/s | [MFU |] vs
 reference (the PyTorch ml-4m timings on the 2-core CPU machine, where the shapes match). Groups:
 model, train (train step at the model's shapes), generate, tokenizer, scenes, pretokenize, masking,
-pipeline, trainer (the real trainer via fourm.bench.train); see fourm.bench.suite. Settings are
+pipeline, trainer (the real trainer via fourm.bench.train), finetune (fine-tuning and backbone vs scratch); see fourm.bench.suite. Settings are
 fields of configs/bench.py (`--config configs/bench.py:quick`, `--config.model.sizes=tiny`); the
 plain flags are aliases of those fields and win over them. Exit status 1 when a group failed.
 """
@@ -25,7 +25,7 @@ from fourm.config import define_config_flag
 
 _CONFIG = define_config_flag("bench")
 flags.DEFINE_list("only", None, "benchmark groups to run (model, train, generate, tokenizer, scenes, "
-                  "pretokenize, masking, pipeline, trainer); alias of config.only")
+                  "pretokenize, masking, pipeline, trainer, finetune); alias of config.only")
 flags.DEFINE_list("skip", [], "benchmark groups to leave out")
 flags.DEFINE_boolean("quick", False, "small shapes for a CI smoke run (= --config configs/bench.py:quick)")
 flags.DEFINE_enum("device", None, ["cpu", "gpu"], "cpu (fp32) or gpu (bf16, MFU); alias of config.device")
