@@ -21,8 +21,8 @@ def get_config(arg=None):
     raise ValueError(f"configs/bench.py: variant {arg!r} not known; use 'quick' or nothing")
   c = common_config()
   c.quick = quick
-  c.only = ["model", "train", "generate", "tokenizer", "scenes", "pretokenize", "masking", "pipeline",
-            "trainer", "finetune"]
+  c.only = ["model", "train", "generate", "tokenizer", "ml4m_tokenizer", "scenes", "pretokenize", "masking",
+            "pipeline", "trainer", "integrity", "finetune"]
   c.device = "cpu"  # cpu | gpu (gpu: bf16 compute, MFU against peak_tflops)
   c.dtype = ""  # compute dtype; "" = float32 on cpu, bfloat16 on gpu
   c.peak_tflops = 989.0  # dense bf16 peak of one H100/H200 SXM, for MFU
@@ -63,6 +63,15 @@ def get_config(arg=None):
       batch=4 if quick else 32,
       captions=200 if quick else 2000,
       tiny=quick,  # the recipes' smoke-test models
+  ))
+
+  # 4M's tokenizers in JAX (fourm.compat.ml4m_tokenizers): ViT VQ-VAE encode at the released size
+  # (vit_b_enc, 224 px, patch 16); quick: the tiny ViT of the tokenizer fixtures.
+  c.ml4m_tokenizer = ml_collections.ConfigDict(dict(
+      enc_type="vit_t_enc" if quick else "vit_b_enc",
+      image_size=32 if quick else 224,
+      patch_size=8 if quick else 16,
+      batch=2 if quick else 8,
   ))
 
   # Scene generator: scenes per second (one process's CPU rate, and wall rate with workers).
@@ -110,4 +119,22 @@ def get_config(arg=None):
       scenes=16 if quick else 2048, heldout_scenes=8 if quick else 128,
       pretrain_steps=2 if quick else 400, finetune_steps=2 if quick else 100,
       probe_scenes=16 if quick else 512, probe_steps=2 if quick else 300))
+
+  # Checkpoint durability window and shard verification cost (fourm.bench.integrity).
+  c.integrity = ml_collections.ConfigDict(dict(
+      state_mib=8 if quick else 256,  # checkpointed state size
+      work=1,  # stand-in step cost (matmul pairs per matrix)
+      steps=4 if quick else 20,  # steps run after the save
+      scenes=16 if quick else 256,  # scenes in the generated shards
+  ))
+
+  # 4M's DiVAE decoder (the released rgb tokenizer's patched UNet, random weights): one image,
+  # few-step DDIM vs the 1000-step DDPM default. Run with --only divae (not in the default list).
+  c.divae = ml_collections.ConfigDict(dict(
+      arch="unet_patched",
+      image_size=32 if quick else 224,
+      encoder_patch=8 if quick else 16,  # latent grid = image_size / encoder_patch (14 x 14 at 224)
+      runs=("ddim:2", "ddpm:2") if quick else ("ddim:25", "ddpm:1000"),
+      batch=1,
+  ))
   return c

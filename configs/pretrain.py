@@ -24,14 +24,6 @@ SCENE_MODALITIES = ["rgb@64", "tok_rgb@64", "tok_depth@64", "tok_normal@64", "to
                     "caption", "det"]
 
 
-def _set_tuple(node, key, values):
-  # A tuple, not a list: absl config flags can override tuples from the command line
-  # (--config.model.modalities="('tok_rgb@64','caption')"); ConfigDict keeps a field's first type.
-  if key in node:
-    del node[key]
-  node[key] = tuple(values)
-
-
 def get_config(arg="tiny"):
   arg = arg or "tiny"
   c = common_config()
@@ -45,6 +37,9 @@ def get_config(arg="tiny"):
   c.data.num_workers = 0  # grain worker processes (0 = threads in the trainer process)
   c.data.num_threads = 2
   c.data.prefetch = 4
+  # sha256 of every shard against the manifest before the first step (fourm.data.shards); False
+  # skips it for data verified elsewhere (its cost: `fourm-bench --only integrity`).
+  c.data.verify_shards = True
   c.data.vocab_from_manifest = True  # model vocabularies = the tokenizers' (manifest) sizes
   # Expected tokenizer versions/hashes per modality ({} = accept the manifest's); a mismatch is
   # an error before any compute, so a model never trains on tokens of another tokenizer.
@@ -53,7 +48,7 @@ def get_config(arg="tiny"):
 
   # ---- model ----
   c.model = model_config("tiny", "swiglu")
-  _set_tuple(c.model, "modalities", SCENE_MODALITIES)
+  c.model.modalities = list(SCENE_MODALITIES)
 
   # ---- initialisation (fine-tuning; fourm.train.finetune): "" = from scratch, else a fourm export
   # or an official 4M folder. Parameters the checkpoint lacks start fresh (named in the log).
@@ -78,13 +73,17 @@ def get_config(arg="tiny"):
   c.ckpt_every = 200
   c.keep_checkpoints = 3
   c.async_checkpoint = True
+  # Steps the loop may run ahead of the newest checkpoint while it is still being written: at
+  # that step boundary it waits for the write to finish (the save is durable). 1 = the write
+  # overlaps one step, so a kill loses at most ckpt_every steps; -1 = never wait (fully async).
+  c.ckpt_durable_within_steps = 1
   # Tests only: the trainer sends itself `debug_signal` (SIGTERM, SIGKILL) right after this step.
   c.debug_signal_at_step = -1
   c.debug_signal = "SIGKILL"
 
   if arg == "smoke":
     c.model.update(dim=64, encoder_depth=2, decoder_depth=2, num_heads=2)
-    _set_tuple(c.model, "modalities", ("rgb@64", "tok_rgb@64", "tok_depth@64", "caption"))
+    c.model.modalities = ["rgb@64", "tok_rgb@64", "tok_depth@64", "caption"]
     c.masking.input_budget = 32
     c.masking.target_budget = 32
     c.batch_size = 16
@@ -113,7 +112,7 @@ def get_config(arg="tiny"):
     c.model = model_config(arg, "swiglu")
     c.model.family = "ml4m"
     from fourm.modalities import ML4M_7
-    _set_tuple(c.model, "modalities", ML4M_7)
+    c.model.modalities = list(ML4M_7)
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     c.masking.input_budget = 128

@@ -17,7 +17,7 @@ from fourm.config import load_config
 from fourm.model import build_model, load_pretrained, save_pretrained
 from fourm.model.pretrained import flat_params
 from fourm.model.synthetic import synthetic_batch
-from fourm.tokenizers.pretokenize import open_shards
+from fourm.data.shards import open_shards
 from fourm.train import finetune, trainer
 from fourm.train.plan import ConfigError, build_plan
 

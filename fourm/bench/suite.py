@@ -4,11 +4,15 @@
     results, failed = suite.run_suite(load_config("bench:quick"), only=["model", "scenes"])
 
 Groups (`--only` names): model (forward, forward+backward), train (train step), generate (RGB ->
-depth MaskGIT -> caption), tokenizer (VQ encode/decode, text), scenes (generator), pretokenize
+depth MaskGIT -> caption), tokenizer (VQ encode/decode, text), ml4m_tokenizer (4M's ViT VQ-VAE
+encode, ported to JAX), scenes (generator), pretokenize
 (scenes -> tokens -> ArrayRecord shards), masking (4M masking transform), pipeline (shards ->
 grain -> masked batches, as the trainer reads them), trainer (fourm.bench.train: the real trainer's
-step, input and checkpoint on scene shards), finetune (fourm.bench.finetune: fine-tuning and the
-encoder as a backbone vs training from scratch, held-out quality). Each group is a function `config -> list of
+step, input and checkpoint on scene shards), integrity (fourm.bench.integrity: checkpoint
+durability window, shard sha256 cost), finetune (fourm.bench.finetune: fine-tuning and the
+encoder as a backbone vs training from scratch, held-out quality), divae (4M's DiVAE decode,
+fourm.bench.divae; not in the default list: 1000 DDPM steps at 224 px take long on a CPU). Each
+group is a function `config -> list of
 Result` (fourm.bench.common). Scenes, masking, tokenizers and shards call the per-area benchmark
 functions (fourm.bench.scenes.cpu_rate / measure, fourm.masking.__main__.benchmark,
 fourm.bench.tokenizer, fourm.bench.shards); model, train step, generation and the input pipeline are
@@ -247,6 +251,24 @@ def bench_tokenizer(c) -> list[Result]:
                          t.captions, tiny=t.tiny)
 
 
+def bench_divae(c) -> list[Result]:
+    """4M's DiVAE diffusion decoder (fourm.compat.ml4m_tokenizers): one image, DDIM vs DDPM steps."""
+    from fourm.bench import divae
+
+    d = c.divae
+    return [_finish(r) for r in divae.bench_divae_decode(d.arch, d.image_size, divae.parse_runs(list(d.runs)),
+                                                         d.batch, c.iters, encoder_patch=d.encoder_patch)]
+
+
+def bench_ml4m_tokenizer(c) -> list[Result]:
+    """4M's tokenizers ported to JAX (fourm.compat.ml4m_tokenizers): ViT VQ-VAE encode."""
+    from fourm.bench.ml4m_tokenizer import bench_vqvae_encode
+
+    t = c.ml4m_tokenizer
+    return [_finish(r) for r in bench_vqvae_encode(t.enc_type, int(t.image_size), int(t.patch_size),
+                                                   int(t.batch), c.iters)]
+
+
 def bench_scenes(c) -> list[Result]:
     from fourm.bench import scenes
 
@@ -331,7 +353,7 @@ def bench_pipeline(c) -> list[Result]:
     from fourm.bench.shards import DEFAULT_MODALITIES, make_scene_shards
     from fourm.masking import GrainMasking, MaskingTransform
     from fourm.masking.transform import default_config
-    from fourm.tokenizers.pretokenize import open_shards
+    from fourm.data.shards import open_shards
     from fourm.train import input_pipeline
     from fourm.train.trainer import SelectModalities
 
@@ -412,10 +434,35 @@ def bench_finetune(c) -> list[Result]:
     return out
 
 
+def bench_integrity(c) -> list[Result]:
+    """Checkpoint durability window (save call -> finalised, with the loop stepping) under the
+    trainer's default policy and fully async, and the shard sha256 verification cost."""
+    from fourm.bench.integrity import durability_window, shard_verification
+
+    g = c.integrity
+    out = []
+    for policy in (1, -1):
+        with tempfile.TemporaryDirectory() as tmp:
+            r = durability_window(Path(tmp) / "ck", state_mib=g.state_mib, work=g.work,
+                                  durable_within_steps=policy, steps=g.steps)
+        out.append(_finish(Result(
+            f"integrity.ckpt_durable.within_{policy}".replace("-", "m"), r["window_s"],
+            note=f"save call -> finalised, {r['state_bytes'] / 2**20:.0f} MiB state; the save blocks "
+                 f"{r['blocked_s']:.3f} s; {r['steps_in_window']} steps ran in the window",
+            extra=r)))
+    s = shard_verification(num_scenes=g.scenes)
+    out.append(_finish(Result("integrity.shard_sha256", s["verify_s"], s["bytes"] / s["verify_s"] / 1e6,
+                              "MB/s", note=f"{s['shards']} shards; open without it "
+                                           f"{s['open_without_s']:.3f} s", extra=s)))
+    return out
+
+
 GROUPS: dict[str, Callable] = {
     "model": bench_model, "train": bench_train, "generate": bench_generate, "tokenizer": bench_tokenizer,
+    "ml4m_tokenizer": bench_ml4m_tokenizer,
     "scenes": bench_scenes, "pretokenize": bench_pretokenize, "masking": bench_masking,
-    "pipeline": bench_pipeline, "trainer": bench_trainer, "finetune": bench_finetune,
+    "pipeline": bench_pipeline, "trainer": bench_trainer, "integrity": bench_integrity,
+    "divae": bench_divae, "finetune": bench_finetune,
 }
 
 

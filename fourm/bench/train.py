@@ -42,8 +42,8 @@ def _main(argv):
     import numpy as np
 
     from fourm.bench.shards import make_scene_shards
+    from fourm.data.shards import open_shards
     from fourm.masking import GrainMasking
-    from fourm.tokenizers.pretokenize import open_shards
     from fourm.train import aot, checkpointing, input_pipeline, trainer
     from fourm.train.mesh import describe
     from fourm.train.plan import build_plan

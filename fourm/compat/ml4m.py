@@ -49,6 +49,10 @@ TRAINING_ONLY = {"drop_path_rate_encoder": 0.0, "drop_path_rate_decoder": 0.0,
 # 4M's float32 torch tables vs fourm's: at most ~1 ulp of a sin argument up to 512 (3.05e-5).
 POS_TOL = 5e-5
 ACTIVATIONS = {"SiLU": "silu", "GELU": "gelu", "ReLU": "relu"}
+# Rows of 4M's 1D sin-cos table of every sequence modality: SequenceEncoderEmbedding's
+# max_sincos_pos_emb default, which FM never overrides (so it is not in config.json). The
+# `pos_emb` buffers in model.safetensors have this many rows; `_pos` checks that.
+SEQ_POS_ROWS = 512
 
 # 4M modalities beyond fourm's registry defaults (4M-21 set). Registered on first use, family ml4m.
 _EXTRA = [
@@ -140,7 +144,7 @@ def spec_from_ml4m(cfg: Mapping[str, Any], source: str = CONFIG_FILE, verbose: b
         norm_eps=1e-6, num_register_tokens=int(c["num_register_tokens"]),
         share_modality_embeddings=bool(c["share_modality_embeddings"]), tie_output_embeddings=False,
         decoder_causal=bool(c["decoder_causal_mask"]), domains_in=list(c["domains_in"]),
-        domains_out=[n for n in c["domains_out"]], seq_pos_len=512,
+        domains_out=[n for n in c["domains_out"]], seq_pos_len=SEQ_POS_ROWS,
         learned_pos_emb=[n for n in names if n in LEARNED_POS], **runtime)
     no_decoder = [n for n in model_cfg["domains_out"] if modreg.get(n, "ml4m").kind == "pixels"]
     if no_decoder:
@@ -270,7 +274,7 @@ def _norm_bias(t: _Tensors, name: str, dim: int, spec: ModelSpec, out: dict, our
 
 
 def _pos(t: _Tensors, name: str, m: Modality, spec: ModelSpec, learned: bool, out: dict, ours: str) -> None:
-    rows = m.num_tokens if m.kind != "sequence" else 512
+    rows = m.num_tokens if m.kind != "sequence" else spec.seq_pos_len
     if learned:
         out[ours] = t.get(name, (1, m.num_tokens, spec.dim))[0]
         return
@@ -348,6 +352,7 @@ def load(src: str | os.PathLike, verbose: bool = False, **runtime) -> FourM:
     spec = spec_from_ml4m(cfg, str(src / CONFIG_FILE), verbose=verbose, **runtime)
     tensors, meta = read_safetensors(src / WEIGHTS_FILE)
     params, notes = convert_state_dict(tensors, meta, spec, str(src / WEIGHTS_FILE))
+    check_finite(params, str(src / WEIGHTS_FILE))
     if verbose:
         for n in notes:
             print(f"[fourm.compat.ml4m] {n}")
@@ -356,8 +361,25 @@ def load(src: str | os.PathLike, verbose: bool = False, **runtime) -> FourM:
     return model
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, verbose: bool = True) -> Path:
-    """Write a native fourm checkpoint (fourm.model.load_pretrained reads it) for a 4M folder."""
+def check_finite(params: Mapping[str, np.ndarray], source: str) -> None:
+    """CheckpointError naming the first parameter with NaN/Inf values (a corrupt or diverged
+    checkpoint would otherwise convert into a model that generates garbage)."""
+    for name, value in params.items():
+        a = np.asarray(value)
+        if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16":
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a.astype(np.float32))))
+            if bad:
+                raise CheckpointError(f"{source}: parameter {name!r} has {bad} non-finite (NaN/Inf) "
+                                      f"values of {a.size}; expected finite weights")
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, verbose: bool = True,
+            overwrite: bool = False) -> Path:
+    """Write a native fourm checkpoint (fourm.model.load_pretrained reads it) for a 4M folder.
+    An existing, non-empty `out` is an error unless `overwrite`; nothing is written on error."""
+    if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+        raise CheckpointError(f"OUT_DIR {out} exists and is not empty; pass --overwrite to replace "
+                              "its checkpoint")
     model = load(src, verbose=verbose)
     cfg = read_ml4m_config(src)
     return save_pretrained(model, {"converted_from": str(Path(src).resolve()), "ml4m_config": cfg}, out)

@@ -24,6 +24,7 @@ import numpy as np
 
 from fourm.batch import PIXELS_PREFIX
 from fourm.compat import ml4m
+from fourm.compat.ml4m_text import ML4MTextTokenizer
 from fourm.model.loss import reduce_loss
 from fourm.model.spec import ModelSpec
 
@@ -318,10 +319,11 @@ def _generation_placeholder(ctx: CheckContext) -> list[Row]:
 
 
 def run_check(fixture: str | Path, tol: float = FLOAT_TOL, model=None, compiler_options: dict | None = None,
-              sections: list[str] | None = None, **runtime) -> list[Row]:
+              sections: list[str] | None = None, text_tokenizer=None, **runtime) -> list[Row]:
     """Load the fixture's checkpoint through the converter (unless `model` is given: one already
     loaded with `fourm.compat.ml4m.load(fixture)`) and run the registered sections (all, or the
-    names in `sections`)."""
+    names in `sections`). `text_tokenizer`: 4M's WordPiece JSON (path or loaded), to compare
+    decoded text too."""
     fixture = Path(fixture)
     if not fixture.is_dir():
         raise FixtureError(f"{fixture}: no such fixture folder")
@@ -331,8 +333,15 @@ def run_check(fixture: str | Path, tol: float = FLOAT_TOL, model=None, compiler_
         if e.name != "fourm.compat.ml4m_generation":
             raise
         register_section("generation", _generation_placeholder)
+    if text_tokenizer is not None and not isinstance(text_tokenizer, ML4MTextTokenizer):
+        try:  # before any work: a wrong path is a bad input, not a late failure
+            text_tokenizer = ML4MTextTokenizer.load(text_tokenizer)
+        except (ValueError, OSError) as e:
+            raise FixtureError(f"text tokenizer: {e}") from None
     model = model if model is not None else ml4m.load(fixture, **runtime)
     ctx = CheckContext(fixture, model, model.spec, tol, compiler_options)
+    if text_tokenizer is not None:
+        ctx.extras["text_tokenizer"] = text_tokenizer
     rows: list[Row] = []
     known = [n for n, _ in _SECTIONS]
     unknown = sorted(set(sections or ()) - set(known))

@@ -13,6 +13,7 @@ from PIL import Image
 
 from fourm.data.folder import (EXTENSIONS, FORMAT_NAME, INTRINSIC_KEYS, MODALITIES, FolderError,
                                atomic_write_bytes, decode_depth_png16, decode_normals)
+from fourm.io import PathEscapeError, inside
 
 # Allowed PIL modes per image modality, with what they mean in words (for error messages).
 _RGB_MODES = {"RGB": "8-bit RGB"}
@@ -101,6 +102,10 @@ class AlignedFolder:
         if not path.exists():
             raise FolderError("missing dataset.json (it names the modalities and their file types, the "
                               "resolution and the camera intrinsics; see docs/data_format.md)", path=path)
+        try:
+            inside(self.root, path.name, "dataset.json")
+        except PathEscapeError as e:
+            raise FolderError(e.reason, modality="dataset.json", path=path) from None
         spec = _load_json_file(path, "dataset.json", modality="dataset.json")
 
         def bad(problem):
@@ -226,6 +231,11 @@ class AlignedFolder:
 
         def fail(problem):
             return FolderError(problem, sample=stem, modality=mod, path=path)
+
+        try:  # a symlink (or '..') must not make a dataset read files outside itself
+            inside(self.root, Path(mod) / path.name, "file")
+        except PathEscapeError as e:
+            raise fail(e.reason) from None
 
         h, w = self.resolution
         if ext == "npy":

@@ -3,6 +3,7 @@
     OUT_DIR/
       config.json        format, format_version, version, modality, resolution, grid, vocab_size,
                          normalisation, input/output contracts, the tokenizer config, digests
+                         (4M tokenizers: family "ml4m", their class, config and 4M's array layouts)
       weights.npz        inference weights, flat "encoder/stem/kernel"-style keys (no pickle)
       encode.jaxexport   jax.export: encode(weights, x[b, H, W(, C)]) -> int32 tokens[b, gh, gw]
       decode.jaxexport   jax.export: decode(weights, int32 tokens[b, gh, gw]) -> native arrays
@@ -32,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fourm.compat.ml4m_tokenizers import artifact as ml4m_artifact
+from fourm.io import inside
 from fourm.tokenizers.image import (FORMAT_VERSION, ImageTokenizer, abstract_model, make_pure_fns,
                                     unflatten_into)
 
@@ -65,28 +68,9 @@ def _exported_fns(tok: ImageTokenizer, platforms):
     return e, d
 
 
-def export(tok: ImageTokenizer, out_dir, *, platforms=None, overwrite: bool = False) -> Path:
-    """Write `tok` as an artifact directory `out_dir` (atomically). Returns its path.
-
-    `platforms`: what the serialized functions are lowered for; default cpu + cuda + tpu, falling
-    back to cpu alone (with a warning) if this jaxlib cannot lower for the others. Platforms named
-    explicitly must all succeed."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    if platforms:
-        platforms = tuple(platforms)
-        enc, dec = _exported_fns(tok, platforms)
-    else:
-        platforms = DEFAULT_PLATFORMS
-        try:
-            enc, dec = _exported_fns(tok, platforms)
-        except Exception as e:  # a backend's lowering may be unavailable on this jaxlib
-            print(f"warning: export for {platforms} failed ({type(e).__name__}: {e}); "
-                  "exporting for cpu only")
-            platforms = ("cpu",)
-            enc, dec = _exported_fns(tok, platforms)
-
+def _fourm_parts(tok: ImageTokenizer, platforms):
+    """(encode, decode, config.json dict, weights, README) of one of fourm's own tokenizers."""
+    enc, dec = _exported_fns(tok, platforms)
     spec = tok.spec()
     kind = tok.codec.kind
     spec.update(
@@ -104,14 +88,57 @@ def export(tok: ImageTokenizer, out_dir, *, platforms=None, overwrite: bool = Fa
                                       "normals": "float32 unit vectors",
                                       "classes": "int32 class ids"}[kind]}},
     )
+    return enc, dec, spec, tok.flat_weights(), _readme(spec)
+
+
+def _ml4m_parts(tok: ml4m_artifact.Tokenizer, platforms, input_hw=None):
+    """The same artifact for a 4M tokenizer (fourm.compat.ml4m_tokenizers; family "ml4m")."""
+    enc, dec, x_shape, grid = ml4m_artifact.exported_functions(tok, platforms, input_hw)
+    spec = ml4m_artifact.artifact_spec(tok, x_shape, grid, platforms)
+    spec["format"] = FORMAT
+    return enc, dec, spec, ml4m_artifact.flat_weights(tok), ml4m_artifact.readme(spec)
+
+
+def export(tok, out_dir, *, platforms=None, overwrite: bool = False, input_hw=None) -> Path:
+    """Write `tok` (an `ImageTokenizer`, or a 4M tokenizer from `fourm.compat.ml4m_tokenizers`) as
+    an artifact directory `out_dir` (atomically). Returns its path.
+
+    `platforms`: what the serialized functions are lowered for; default cpu + cuda + tpu, falling
+    back to cpu alone (with a warning) if this jaxlib cannot lower for the others. Platforms named
+    explicitly must all succeed. `input_hw`: 4M tokenizers only, the input's spatial size
+    (default: the trained resolution; MLP tokenizers 1 x 1)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    if isinstance(tok, ml4m_artifact.Tokenizer):
+        ml4m_artifact.check_exportable(tok)  # before any work
+
+        def parts(p):
+            return _ml4m_parts(tok, p, input_hw)
+    else:
+        def parts(p):
+            return _fourm_parts(tok, p)
+    if platforms:
+        platforms = tuple(platforms)
+        enc, dec, spec, weights, readme = parts(platforms)
+    else:
+        platforms = DEFAULT_PLATFORMS
+        try:
+            enc, dec, spec, weights, readme = parts(platforms)
+        except Exception as e:  # a backend's lowering may be unavailable on this jaxlib
+            print(f"warning: export for {platforms} failed ({type(e).__name__}: {e}); "
+                  "exporting for cpu only")
+            platforms = ("cpu",)
+            enc, dec, spec, weights, readme = parts(platforms)
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     try:
         with open(tmp / "weights.npz", "wb") as f:
-            np.savez(f, **tok.flat_weights())
+            np.savez(f, **weights)
         (tmp / "encode.jaxexport").write_bytes(enc.serialize())
         (tmp / "decode.jaxexport").write_bytes(dec.serialize())
-        (tmp / "README.md").write_text(_readme(spec))
+        (tmp / "README.md").write_text(readme)
         (tmp / "config.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
         os.chmod(tmp, 0o755)
         if out_dir.exists():  # overwrite: swap in the new directory, then drop the old one
@@ -127,10 +154,11 @@ def export(tok: ImageTokenizer, out_dir, *, platforms=None, overwrite: bool = Fa
     return out_dir
 
 
-def load_export(path) -> ImageTokenizer:
-    """An exported artifact as an `ImageTokenizer` (weights checked against the config)."""
+def load_export(path):
+    """An exported artifact as an `ImageTokenizer` (weights checked against the config), or, for
+    family "ml4m", as a 4M tokenizer (`fourm.compat.ml4m_tokenizers.load.Tokenizer`)."""
     path = Path(path)
-    missing = [f for f in FILES if not (path / f).exists()]
+    missing = [f for f in FILES if not inside(path, f, "tokenizer export file").exists()]
     if missing:
         raise FileNotFoundError(f"{path} is not a complete tokenizer export: missing {missing}")
     spec = json.loads((path / "config.json").read_text())
@@ -142,6 +170,8 @@ def load_export(path) -> ImageTokenizer:
                          "tokenizer with a matching fourm version")
     with np.load(path / "weights.npz", allow_pickle=False) as z:
         flat = {k: z[k] for k in z.files}
+    if spec.get("family", "fourm") == ml4m_artifact.FAMILY:
+        return ml4m_artifact.from_export(path, spec, flat)
     import ml_collections
 
     cfg = ml_collections.ConfigDict(spec["tokenizer_config"])
@@ -159,8 +189,9 @@ def load_export(path) -> ImageTokenizer:
     return tok
 
 
-def load(path) -> ImageTokenizer:
-    """`fourm.tokenizers.load`: an exported artifact, or the latest checkpoint of a training run."""
+def load(path):
+    """`fourm.tokenizers.load`: an exported artifact, the latest checkpoint of a training run, or a
+    4M tokenizer folder (config.json + model.safetensors)."""
     path = Path(path)
     if (path / "config.json").exists() and (path / "weights.npz").exists():
         return load_export(path)
@@ -168,8 +199,13 @@ def load(path) -> ImageTokenizer:
         tok = ImageTokenizer.from_checkpoint(path)
         tok.path = str(path)
         return tok
-    raise FileNotFoundError(f"{path} is neither a tokenizer export (config.json + weights.npz) nor "
-                            "a tokenizer training run (checkpoints/)")
+    if (path / "config.json").exists() and (path / ml4m_artifact.WEIGHTS_FILE).exists():
+        tok = ml4m_artifact.load_folder(path)  # a 4M tokenizer folder, as released
+        tok.path = str(path)
+        return tok
+    raise FileNotFoundError(f"{path} is neither a tokenizer export (config.json + weights.npz), "
+                            "a tokenizer training run (checkpoints/) nor a 4M tokenizer folder "
+                            "(config.json + model.safetensors)")
 
 
 def _readme(spec: dict) -> str:

@@ -1,7 +1,7 @@
 """Pre-tokenization: a multimodal dataset -> ArrayRecord shards of per-sample token arrays.
 
-One ArrayRecord record = one sample = `safetensors.numpy.save({modality: array})` bytes (no
-pickle). Keys are registry modality names:
+The format (records, manifest, reading and verifying) lives in `fourm.data.shards`; this module
+writes it. One ArrayRecord record = one sample; keys are registry modality names:
 
   grid modalities      ('tok_rgb@64', ...)   int16 [gh, gw] (int32 if the vocabulary needs it)
   pixel modalities     ('rgb@64')            uint8 [H, W, 3], the raw image
@@ -30,19 +30,17 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
-from safetensors.numpy import load as _st_load, save as _st_save
 from tqdm import tqdm
 
 from fourm import modalities as registry
+from fourm.data.shards import (FORMAT, MANIFEST, SHARD_SUFFIX, WRITER_OPTIONS, encode_record,
+                               sha256_file, shard_name)
+# Readers' names, kept importable from here for callers written before fourm.data.shards.
+from fourm.data.shards import decode_record, open_shards, read_manifest  # noqa: F401
 from fourm.io import atomic_write
 from fourm.tokenizers import structure
 
-FORMAT = "fourm.pretokenized/1"
-MANIFEST = "manifest.json"
 WORK_DIR = ".work"
-SHARD_SUFFIX = ".array_record"
-# group_size:1 = one record per chunk, the layout grain wants for fast random access.
-WRITER_OPTIONS = "group_size:1"
 
 
 class ImageTokenizerLike(Protocol):
@@ -53,26 +51,6 @@ class ImageTokenizerLike(Protocol):
     version: Any
 
     def encode(self, batch: np.ndarray) -> np.ndarray: ...
-
-
-# ------------------------------------------------------------------------------------ records
-def encode_record(arrays: Mapping[str, np.ndarray]) -> bytes:
-    # np.array(copy order C), not np.ascontiguousarray: the latter turns 0-d arrays into 1-d.
-    return _st_save({k: np.array(v, order="C") for k, v in arrays.items()})
-
-
-def decode_record(data: bytes) -> dict[str, np.ndarray]:
-    """One record's bytes -> {modality name: array} (plus '_index')."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"decode_record takes the record's bytes, got {type(data).__name__}")
-    try:
-        return dict(_st_load(bytes(data)))
-    except Exception as e:  # safetensors raises its own error type for malformed headers
-        raise ValueError(f"record is not a valid safetensors blob ({len(data)} bytes): {e}") from None
-
-
-def shard_name(k: int, n: int) -> str:
-    return f"shard-{k:05d}-of-{n:05d}{SHARD_SUFFIX}"
 
 
 # ------------------------------------------------------------------------------------ sample -> text
@@ -352,7 +330,7 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                           over_max_length=seq[n]["over_max_length"] + v["over_max_length"])
         shards.append(dict(file=path.name, num_records=st["num_records"],
                            first_index=st["first_index"], bytes=path.stat().st_size,
-                           sha256=_sha256(path)))
+                           sha256=sha256_file(path)))
     for n, v in seq.items():
         specs[n]["lengths"] = dict(max=v["max"], mean=v["sum"] / total,
                                    over_max_length=v["over_max_length"])
@@ -366,83 +344,3 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                                    batch_size=batch_size))
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------------ reading
-class DecodedSource:
-    """Random-access source of decoded records (grain's RandomAccessDataSource protocol)."""
-
-    def __init__(self, raw):
-        self.raw = raw
-
-    def __len__(self) -> int:
-        return len(self.raw)
-
-    def __getitem__(self, i) -> dict[str, np.ndarray]:
-        return decode_record(self.raw[i])
-
-    def __repr__(self) -> str:
-        return f"DecodedSource({self.raw!r})"
-
-
-def read_manifest(directory: str | os.PathLike) -> dict:
-    d = Path(directory)
-    path = d / MANIFEST
-    if not d.is_dir():
-        raise FileNotFoundError(f"pre-tokenized dataset directory {d} does not exist")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {d} is not a finished pre-tokenized dataset "
-                                f"(the manifest is written last; rerun fourm-pretokenize to finish)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, this code reads {FORMAT!r}")
-    for key in ("shards", "modalities", "num_records"):
-        if key not in manifest:
-            raise ValueError(f"{path} lacks field {key!r}")
-    return manifest
-
-
-def open_shards(directory: str | os.PathLike, *, decode: bool = False, verify: bool = False):
-    """(grain ArrayRecordDataSource over the shards, manifest); `decode=True` wraps it in
-    `DecodedSource`. Checks that the manifest and the files agree (names, sizes, record counts;
-    sha256 too with verify=True) and refuses shards the manifest does not list."""
-    import grain
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    d = Path(directory)
-    manifest = read_manifest(d)
-    listed = [s["file"] for s in manifest["shards"]]
-    unlisted = sorted(p.name for p in d.glob(f"*{SHARD_SUFFIX}") if p.name not in set(listed))
-    if unlisted:
-        raise ValueError(f"{d} has shard files not listed in its manifest: {unlisted} (left by "
-                         f"another run?); remove them or re-run fourm-pretokenize")
-    if not listed:
-        raise ValueError(f"{d / MANIFEST} lists no shards")
-    for s in manifest["shards"]:
-        p = d / s["file"]
-        if not p.is_file():
-            raise FileNotFoundError(f"shard {p} listed in {d / MANIFEST} is missing")
-        if p.stat().st_size != s["bytes"]:
-            raise ValueError(f"shard {p} has {p.stat().st_size} bytes, manifest says {s['bytes']}")
-        if verify and _sha256(p) != s["sha256"]:
-            raise ValueError(f"shard {p} does not match the sha256 in the manifest")
-        reader = ArrayRecordReader(str(p))
-        n = reader.num_records()
-        reader.close()
-        if n != s["num_records"]:
-            raise ValueError(f"shard {p} has {n} records, manifest says {s['num_records']}")
-    raw = grain.sources.ArrayRecordDataSource([str(d / f) for f in listed])
-    if len(raw) != manifest["num_records"]:
-        raise ValueError(f"{d}: shards hold {len(raw)} records, manifest says {manifest['num_records']}")
-    return (DecodedSource(raw) if decode else raw), manifest

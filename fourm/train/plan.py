@@ -32,12 +32,9 @@ from fourm.model.sharding import param_shardings
 from fourm.train import finetune, input_pipeline, step as step_lib
 from fourm.train.mesh import make_mesh
 from fourm.train.optimizer import make_optimizer
+from fourm.train.validate import ConfigError
 
 log = logging.getLogger("fourm.train")
-
-
-class ConfigError(ValueError):
-    """The config cannot run on these devices / this data. Raised before any compute."""
 
 
 # ------------------------------------------------------------------------------------------------
