@@ -56,7 +56,7 @@ def export(tmp_path_factory):
 def ft_config(shards, export, extra=()):
     return load_config("pretrain:smoke", [
         f"data.dir={shards}", *TINY, "num_train_steps=3", f"init.checkpoint={export}", *extra,
-    ] + [f"model.modalities={','.join(PRE + [NEW])}"])
+    ] + [f"model.modalities={json.dumps(PRE + [NEW])}"])
 
 
 def test_plan_loads_matching_and_names_new_parameters(shards, export):
@@ -100,12 +100,12 @@ def test_shape_mismatch_is_one_error_listing_everything(shards, tmp_path):
 def test_freeze_patterns(shards, export):
     manifest = open_shards(shards)[1]
     with pytest.raises(ConfigError, match=r"patterns \['encoderr/\*'\] match no parameter"):
-        build_plan(ft_config(shards, export, ["init.freeze=encoder/*,encoderr/*"]), manifest, data_dir=str(shards))
+        build_plan(ft_config(shards, export, ['init.freeze=["encoder/*","encoderr/*"]']), manifest, data_dir=str(shards))
     with pytest.raises(ConfigError, match="frozen they would stay at their random initialisation"):
-        build_plan(ft_config(shards, export, ["init.freeze=*tok_normal@64*"]), manifest, data_dir=str(shards))
+        build_plan(ft_config(shards, export, ['init.freeze=["*tok_normal@64*"]']), manifest, data_dir=str(shards))
     with pytest.raises(ConfigError, match="needs config.init.checkpoint"):
-        build_plan(ft_config(shards, "", ["init.freeze=encoder/*"]), manifest, data_dir=str(shards))
-    plan = build_plan(ft_config(shards, export, ["init.freeze=encoder/*,enc_embed/tok_rgb@64/*"]),
+        build_plan(ft_config(shards, "", ['init.freeze=["encoder/*"]']), manifest, data_dir=str(shards))
+    plan = build_plan(ft_config(shards, export, ['init.freeze=["encoder/*","enc_embed/tok_rgb@64/*"]']),
                       manifest, data_dir=str(shards))
     assert plan.init.frozen and all(n.startswith(("encoder/", "enc_embed/tok_rgb@64/")) for n in plan.init.frozen)
 
@@ -116,7 +116,7 @@ def test_finetune_run_freezes_and_resumes_without_the_init(shards, export, tmp_p
     init = tmp_path / "init"
     shutil.copytree(export, init)
     workdir = tmp_path / "run"
-    cfg = ft_config(shards, init, ["init.freeze=encoder/*", "init.new_lr=0.01",
+    cfg = ft_config(shards, init, ['init.freeze=["encoder/*"]', "init.new_lr=0.01",
                                    "debug_signal_at_step=2", "debug_signal=SIGTERM"])
     with caplog.at_level(logging.INFO, logger="fourm.train"):
         r1 = trainer.train(cfg, str(workdir))
@@ -128,7 +128,7 @@ def test_finetune_run_freezes_and_resumes_without_the_init(shards, export, tmp_p
     shutil.rmtree(init)  # a resume that touched the init would fail now
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fourm.train"):
-        r2 = trainer.train(ft_config(shards, init, ["init.freeze=encoder/*", "init.new_lr=0.01"]), str(workdir))
+        r2 = trainer.train(ft_config(shards, init, ['init.freeze=["encoder/*"]', "init.new_lr=0.01"]), str(workdir))
     assert r2.step == 3 and not r2.preempted
     assert "resumed from step 2" in caplog.text and "initialised from" not in caplog.text
     # frozen: still the checkpoint's values after 3 updates; the rest moved

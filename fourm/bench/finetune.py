@@ -51,7 +51,7 @@ def _train_config(f, data_dir, eval_dir, workdir, modalities, steps, extra=()):
     c = load_config("pretrain:smoke", [
         f"data.dir={data_dir}", f"data.eval_dir={eval_dir}", f"workdir={workdir}",
         f"model.dim={f.dim}", f"model.encoder_depth={f.depth}", f"model.decoder_depth={f.depth}",
-        f"model.num_heads={f.heads}", f"model.modalities={','.join(modalities)}",
+        f"model.num_heads={f.heads}", f"model.modalities={json.dumps(list(modalities))}",
         "masking.input_budget=64", "masking.target_budget=64", f"batch_size={f.batch}",
         f"optim.lr={f.lr}", f"optim.warmup_steps={max(1, steps // 10)}", f"num_train_steps={steps}",
         f"log_every={max(1, steps // 10)}", f"eval_every={steps}",
@@ -86,7 +86,7 @@ def finetune_vs_scratch(f, root: Path, log=print) -> dict:
     pre_s = _timed_train(_train_config(f, train, held, root / "pretrain", PRETRAIN_MODALITIES,
                                        f.pretrain_steps), root / "pretrain")
     export = root / "pretrain" / "export"
-    task = ["masking.mixture=all2all", f"masking.target_only={NEW}"]
+    task = ["masking.mixture=all2all", f"masking.target_only={json.dumps([NEW])}"]
     out = {"pretrain_s": pre_s}
     for name, extra in (("pretrained", [f"init.checkpoint={export}"]), ("scratch", [])):
         log(f"[finetune] rgb -> {NEW}: {f.finetune_steps} steps, {name}")
