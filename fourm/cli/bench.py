@@ -34,8 +34,8 @@ def define_flags(fv, argv):
     define_config_flag("bench", fv, argv)
     d = dict(flag_values=fv)
     flags.DEFINE_list("only", None, "benchmark groups to run (model, train, generate, tokenizer, "
-                      "ml4m_tokenizer, scenes, pretokenize, masking, pipeline, trainer, integrity, finetune, divae); alias of "
-                      "config.only", **d)
+                      "ml4m_tokenizer, scenes, pretokenize, masking, pipeline, trainer, integrity, "
+                      "finetune, divae); alias of config.only", **d)
     flags.DEFINE_list("skip", [], "benchmark groups to leave out", **d)
     flags.DEFINE_boolean("quick", False, "small shapes for a CI smoke run (= --config "
                          "configs/bench.py:quick)", **d)

@@ -152,7 +152,7 @@ def compile_step(step_fn, abstract_state, abstract_batch, mesh):
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class TrainPlan:
-    config: ml_collections.ConfigDict  # the plan's own resolved copy (vocab from the manifest); read-only by convention
+    config: ml_collections.ConfigDict  # the plan's resolved copy (vocab from the manifest); read only
     mesh: Mesh
     modalities: tuple
     masking: MaskingTransform
