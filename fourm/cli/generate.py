@@ -5,12 +5,13 @@
     fourm-generate --checkpoint DIR --tokenizers DIR \\
         --cond caption="a red cube left of a blue sphere" --targets rgb,depth
     fourm-generate ... --targets depth:steps=12:temperature=0:guidance_scale=2,caption:top_p=0.9
+    fourm-generate ... --cond rgb=photos/ --images_per_call 8 --targets depth,caption
 
 Writes per sample and target a PNG (depth colour-mapped, normals as colours, segmentation with
 its palette, RGB as is, boxes drawn on the RGB) or a .txt (captions, metadata), a side-by-side
 grid of conditions and outputs (grid.png), the tokens (tokens.npz) and generation.json.
-Names may be short (rgb, depth, normals, semseg, caption, det/boxes, metadata) or the model's
-(tok_depth@64). Conditions: images (.png/.jpg/.bmp/.gif/.tif/.webp), arrays (.npy: token ids
+Names may be short (a registry field or alias: rgb, depth, normals, semseg, caption, det/boxes,
+metadata, or a field you registered, e.g. edges) or the model's (tok_depth@64). Conditions: images (.png/.jpg/.bmp/.gif/.tif/.webp), arrays (.npy: token ids
 or native depth / normals / classes), boxes / metadata (.json), text files (.txt) or literal text.
 Sampling defaults to greedy decoding (fourm.generate.defaults, the same as the quickstart's and the
 notebooks'). Prints the time to load, and to generate split into compile and run; compiled programs
@@ -51,11 +52,9 @@ def define_flags(fv, argv):
     flags.DEFINE_string("out", None, "output folder (default: config.out)", **d)
     flags.DEFINE_integer("seed", None, "random seed (default: config.seed)", **d)
     flags.DEFINE_integer("batch", None, "samples per condition set (default: config.batch)", **d)
+    flags.DEFINE_integer("images_per_call", 8, "with a folder condition (--cond rgb=DIR/): images "
+                         "generated together in one batched call", **d)
 
-
-SHORT = {"rgb": "rgb", "image": "rgb", "depth": "depth", "normals": "normals", "normal": "normals",
-         "semseg": "semseg", "segmentation": "semseg", "caption": "caption", "text": "caption",
-         "det": "boxes", "boxes": "boxes", "metadata": "metadata"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,21 +126,23 @@ def load_image_tokenizer(path: Path):
 def resolve_name(spec, name: str, role: str) -> str:
     """Model modality for a short or full name; conditions prefer pixel inputs (rgb@R) and
     targets token modalities (tok_rgb@R)."""
+    from fourm import modalities as registry
     from fourm.generate.inputs import GenerationInputError
 
     if name in spec.names:
         return name
-    source = SHORT.get(name.lower())
-    cands = [m for m in spec.modalities if source and m.source == source]
+    field = registry.field_for_name(name)
+    source = field.name if field is not None else name.lower()
+    cands = [m for m in spec.modalities if m.source == source]
     if role == "target":
         cands = [m for m in cands if m.name in spec.domains_out]
     else:
         cands = sorted([m for m in cands if m.name in spec.domains_in], key=lambda m: m.kind != "pixels")
     if not cands:
         usable = spec.domains_out if role == "target" else spec.domains_in
-        mine = sorted(k for k, v in SHORT.items() if any(
-            m.source == v and m.name in usable for m in spec.modalities))
-        what = (f"this model has no {role} modality {name!r}" if source else
+        mine = sorted(n for f in registry.fields() for n in (f.name, *f.aliases) if any(
+            m.source == f.name and m.name in usable for m in spec.modalities))
+        what = (f"this model has no {role} modality {name!r}" if field is not None else
                 f"unknown {role} modality {name!r}")
         raise GenerationInputError(f"--{'targets' if role == 'target' else 'cond'}: {what}; its "
                                    f"{role}s are {list(usable)} (short names: {mine})")
@@ -163,13 +164,17 @@ def condition_path(value: str) -> Path | None:
 
 
 def read_condition(mod, value: str, res: int):
-    """A condition value: a file (image, .npy, .json, .txt) or literal text for sequences."""
+    """A condition value: a file (image, .npy, .json, .txt) or literal text for sequences. Image
+    files decode as the modality's registry field does (`fourm.data.fields`)."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    from fourm import modalities as registry
+    from fourm.data import fields
     from fourm.tokenizers import structure
 
     flag = f"--cond {mod.name}={value}"
+    field = registry.field(mod.source) if mod.source in registry.field_names() else None
     p = condition_path(value)
     if p is None:
         if mod.kind == "sequence":
@@ -185,15 +190,20 @@ def read_condition(mod, value: str, res: int):
             img.load()
         except (UnidentifiedImageError, OSError) as e:
             raise CommandError(f"{flag}: not a readable image ({e})") from None
-        if mod.kind == "pixels" or mod.source == "rgb":
-            return np.asarray(img.convert("RGB"))
-        if mod.source == "normals":
-            from fourm.data.folder import decode_normals
-            return decode_normals(np.asarray(img.convert("RGB")))
-        if mod.source == "depth" and img.mode in ("I", "I;16"):
-            from fourm.data.folder import DEFAULT_DEPTH_SCALE, decode_depth_png16
-            return decode_depth_png16(np.asarray(img), DEFAULT_DEPTH_SCALE)
-        return np.asarray(img)
+        if mod.kind == "pixels" or field is None:
+            return np.asarray(img.convert("RGB") if mod.kind == "pixels" else img)
+        if field.layout in ("image", "normals") and field.decode is None:
+            # Photos come in any mode (RGBA, palette, grey): convert, as for pixel inputs.
+            arr = np.asarray(img.convert({1: "L", 3: "RGB", 4: "RGBA"}[field.channels]))
+            arr = arr[..., None] if arr.ndim == 2 else arr
+            return fields.decode_normals(arr) if field.layout == "normals" else arr
+        if field.layout == "depth" and img.mode not in ("I", "I;16"):
+            return np.asarray(img)
+
+        def fail(problem):  # the field's own decoding and checks, as for a folder's files
+            return CommandError(f"{flag}: {problem}")
+        return fields.decode_value(field, p.read_bytes(), ext[1:], resolution=(img.height, img.width),
+                                   fail=fail)
     if ext == ".npy":
         try:
             arr = np.load(p, allow_pickle=False)
@@ -206,9 +216,10 @@ def read_condition(mod, value: str, res: int):
             obj = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CommandError(f"{flag}: not valid JSON ({e})") from None
-        if mod.source == "boxes":
+        layout = field.layout if field is not None else None
+        if layout == "boxes":
             return structure.boxes_to_text(obj, (res, res))
-        if mod.source == "metadata":
+        if layout == "json":
             return structure.metadata_to_text(obj)
         raise CommandError(f"{flag}: JSON is only for boxes / metadata")
     if ext == ".txt":
@@ -278,6 +289,7 @@ def picture(mod, native, tokens, rgb=None, text: str | None = None, res: int = 6
     """A uint8 RGB picture of a generated (or given) modality, or None for plain text."""
     import numpy as np
 
+    from fourm import modalities as registry
     from fourm.data import visualize as vis
     from fourm.tokenizers import structure
 
@@ -289,14 +301,17 @@ def picture(mod, native, tokens, rgb=None, text: str | None = None, res: int = 6
         return None
     if native is None:  # no tokenizer: show the token ids with a palette
         return vis.colorize_semseg(np.asarray(tokens))
-    return {"depth": vis.colorize_depth, "normals": vis.colorize_normals,
-            "semseg": vis.colorize_semseg}.get(mod.source, vis.to_rgb)(native)
+    if mod.source in registry.field_names() and registry.field(mod.source).is_image_like:
+        return vis.picture(mod.source, native)
+    return vis.to_rgb(native)
 
 
 def condition_picture(mod, value, b: int, res: int):
     """(picture or None, text or None) of a given condition for sample b."""
     import numpy as np
 
+    from fourm import modalities as registry
+    from fourm.data import fields
     from fourm.data import visualize as vis
 
     if isinstance(value, str):
@@ -306,9 +321,16 @@ def condition_picture(mod, value, b: int, res: int):
     arr = np.asarray(getattr(value, "value", value))
     if mod.kind == "sequence":
         return None, None
-    batched = arr.ndim == (4 if (mod.kind == "pixels" or mod.source == "normals") else 3)
+    ids = mod.kind == "grid" and np.issubdtype(arr.dtype, np.integer) and \
+        arr.shape[-2:] == tuple(mod.grid)
+    field = registry.field(mod.source) if mod.source in registry.field_names() else None
+    if ids or field is None or not field.is_image_like:
+        one = 2
+    else:
+        one = len(fields.expected_array(field, (1, 1))[0])
+    batched = arr.ndim == (4 if mod.kind == "pixels" else one + 1)
     arr = arr[min(b, arr.shape[0] - 1)] if batched else arr
-    if mod.kind == "pixels" or mod.source == "rgb" and arr.ndim == 3:
+    if mod.kind == "pixels":
         return vis.to_rgb(arr), None
     if np.issubdtype(arr.dtype, np.integer) and arr.shape[:2] == tuple(mod.grid):
         return vis.colorize_semseg(arr), None  # token ids
@@ -328,20 +350,30 @@ def run(argv, F) -> int:
     if not F.targets:
         raise app.UsageError("--targets is required (e.g. --targets depth,caption)")
     batch = positive("--batch", F.batch if F.batch is not None else int(cfg.batch))
-    cond_items = []
+    cond_items, folder_items = [], []
     for item in F.cond:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise CommandError(f"--cond {item!r}: expected NAME=VALUE")
+        if Path(value).expanduser().is_dir():  # a folder of images: batched over its files
+            folder_items.append((key.strip(), value, folder_files(item, Path(value).expanduser())))
+            continue
         p = condition_path(value)
         if p is not None and not p.is_file():
             raise CommandError(f"--cond {item}: no such file")
         cond_items.append((key.strip(), value))
+    if len(folder_items) > 1:
+        raise CommandError(f"--cond: one folder condition at most, got {len(folder_items)} "
+                           f"({', '.join(v for _, v, _ in folder_items)})")
+    per_call = positive("--images_per_call", F.images_per_call)
+    if folder_items and batch != 1:
+        raise app.UsageError(f"--batch {batch} with a folder condition: each image is one sample; "
+                             "use --images_per_call to set how many run together")
     t0 = time.perf_counter()
     model = load_model(F.checkpoint)
     spec = model.spec
     gen = Generator(model, load_tokenizers(F.tokenizers), resize=cfg.resize, loop=cfg.loop,
-                    kv_cache=cfg.kv_cache)
+                    kv_cache=cfg.kv_cache, buckets=int(cfg.get("buckets", 4)))
     res = next((m.grid[0] * m.patch_size for m in spec.modalities if m.kind == "pixels"), 64)
     conditions = {}
     for key, value in cond_items:
@@ -350,6 +382,12 @@ def run(argv, F) -> int:
     targets = [parse_target(spec, t, cfg) for t in F.targets]
     seed = cfg.seed if F.seed is None else F.seed
     load_s = time.perf_counter() - t0
+    if folder_items:
+        key, value, files = folder_items[0]
+        name = resolve_name(spec, key, "condition")
+        print(f"time: load {load_s:.1f} s")
+        return run_folder(gen, conditions, name, files, targets, seed, per_call,
+                          Path(F.out or cfg.out), res)
     t0 = time.perf_counter()
     with CompileTimer() as compiled:
         out = gen.generate(conditions, targets, seed=seed, batch_size=batch)
@@ -361,6 +399,62 @@ def run(argv, F) -> int:
         print(f"{k}: {s:.2f} s")
     print(f"time: load {load_s:.1f} s, generate {gen_s:.1f} s (compile {compiled.seconds:.1f} s, "
           f"run {gen_s - compiled.seconds:.1f} s)")
+    return 0
+
+
+def folder_files(item: str, folder: Path) -> list[Path]:
+    files = sorted(f for f in folder.iterdir()
+                   if f.is_file() and f.suffix.lower() in IMAGE_EXTS + (".npy",))
+    if not files:
+        raise CommandError(f"--cond {item}: no images ({', '.join(IMAGE_EXTS)}) or .npy arrays in "
+                           "the folder")
+    return files
+
+
+def read_folder_chunk(mod, files: list[Path], res: int):
+    """The conditions of `files` stacked into one batch; every file must have the same shape."""
+    import numpy as np
+
+    arrays = [np.asarray(read_condition(mod, str(f), res)) for f in files]
+    for f, a in zip(files[1:], arrays[1:]):
+        if a.shape != arrays[0].shape:
+            raise CommandError(f"--cond {mod.name}: {files[0].name} is {list(arrays[0].shape)} but "
+                               f"{f.name} is {list(a.shape)}; a folder's images must share one "
+                               "size (resize them first)")
+    return np.stack(arrays)
+
+
+def run_folder(gen, conditions: dict, name: str, files: list[Path], targets, seed: int,
+               per_call: int, root: Path, res: int) -> int:
+    """Generate for every file of a folder condition, `per_call` images per batched call: outputs
+    in root/batch_NNN (as a single run writes them), root/images.json maps each file to its
+    folder and sample; prints samples/s overall and after the first call (which compiles)."""
+    from fourm.data.folder import atomic_write_bytes
+    from fourm.runtime import CompileTimer
+
+    mod = gen.spec.modality(name)
+    index, times, compile_s = [], [], 0.0
+    for i, lo in enumerate(range(0, len(files), per_call)):
+        chunk = files[lo:lo + per_call]
+        cond = dict(conditions, **{name: read_folder_chunk(mod, chunk, res)})
+        t0 = time.perf_counter()
+        with CompileTimer() as compiled:
+            out = gen.generate(cond, targets, seed=seed)
+        times.append((time.perf_counter() - t0, len(chunk)))
+        compile_s += compiled.seconds
+        sub = f"batch_{i:03d}"
+        write_outputs(root / sub, gen, cond, targets, out, res)
+        index += [{"file": str(f), "folder": sub, "sample": j} for j, f in enumerate(chunk)]
+        for n in out.notices:
+            print(f"notice: {n}")
+    atomic_write_bytes(root / "images.json", json.dumps(index, indent=1).encode())
+    total_s, n = sum(t for t, _ in times), len(files)
+    line = (f"generated {n} images in {len(times)} calls of up to {per_call}: {total_s:.1f} s "
+            f"(compile {compile_s:.1f} s), {n / total_s:.2f} samples/s")
+    if len(times) > 1:  # the calls after the first reuse its compiled programs
+        rest_s, rest_n = sum(t for t, _ in times[1:]), sum(k for _, k in times[1:])
+        line += f"; after the first call {rest_n / rest_s:.2f} samples/s"
+    print(line)
     return 0
 
 

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol, Sequence
@@ -33,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fourm import modalities as registry
+from fourm.data.augment import Augment, image_size
 from fourm.data.shards import (FORMAT, MANIFEST, SHARD_SUFFIX, WRITER_OPTIONS, encode_record,
                                sha256_file, shard_name)
 # Readers' names, kept importable from here for callers written before fourm.data.shards.
@@ -55,10 +59,7 @@ class ImageTokenizerLike(Protocol):
 
 # ------------------------------------------------------------------------------------ sample -> text
 def _image_size(sample: Mapping[str, Any], default: int) -> tuple[int, int]:
-    for key in ("rgb", "depth", "semseg"):
-        if key in sample:
-            return tuple(np.shape(sample[key])[:2])
-    return (default, default)
+    return image_size(sample) or (default, default)
 
 
 def sample_text(source_field: str, sample: Mapping[str, Any], *, bins: int,
@@ -66,10 +67,11 @@ def sample_text(source_field: str, sample: Mapping[str, Any], *, bins: int,
     """The text a sequence modality tokenizes, made from the sample's `source_field`."""
     if source_field not in sample and not (source_field == "palette" and "rgb" in sample):
         raise KeyError(f"sample has no field {source_field!r} (fields: {sorted(sample)})")
-    if source_field == "boxes":
-        return structure.boxes_to_text(sample["boxes"], _image_size(sample, default_size), bins)
-    if source_field == "metadata":
-        return structure.metadata_to_text(sample["metadata"], bins=bins, strict=strict_metadata)
+    layout = registry.field(source_field).layout if source_field in registry.field_names() else None
+    if layout == "boxes":  # by layout: a registered field of boxes becomes text like "boxes"
+        return structure.boxes_to_text(sample[source_field], _image_size(sample, default_size), bins)
+    if layout == "json":
+        return structure.metadata_to_text(sample[source_field], bins=bins, strict=strict_metadata)
     if source_field == "palette":
         pal = sample.get("palette")
         pal = structure.palette_from_image(np.asarray(sample["rgb"])) if pal is None else pal
@@ -180,19 +182,64 @@ def tokenize_batch(batch: Sequence[Mapping[str, Any]], specs: Mapping[str, dict]
     return out
 
 
-class _Fetch:
-    """Picklable `indices -> [(index, sample)]` for worker processes."""
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """`items` produced on a background thread, up to `depth` ahead, in order. Reading and
+    decoding the next batch (Python, NumPy, image codecs) overlaps encoding this one (XLA's
+    threads, which release the GIL): both cores stay busy even without worker processes. The
+    producer's exceptions re-raise here; closing the generator early stops the producer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
 
-    def __init__(self, source):
-        self.source = source
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put((done, e))
+
+    thread = threading.Thread(target=produce, name="pretokenize-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = q.get()
+            if item is done:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+class _Fetch:
+    """Picklable `indices -> [(index, sample)]` for worker processes (augmented in the worker,
+    deterministically in (augment.seed, index))."""
+
+    def __init__(self, source, augment: Augment | None = None):
+        self.source, self.augment = source, augment
 
     def __call__(self, indices: Sequence[int]):
-        return [(i, self.source[i]) for i in indices]
+        if self.augment is None:
+            return [(i, self.source[i]) for i in indices]
+        return [(i, self.augment(self.source[i], i)) for i in indices]
 
 
-def _sample_iter(source, indices: Sequence[int], pool, workers: int, chunk: int = 4) -> Iterator[dict]:
+def _sample_iter(source, indices: Sequence[int], pool, workers: int, chunk: int = 4,
+                 augment: Augment | None = None) -> Iterator[dict]:
     """Samples in index order; with a pool, a bounded window of chunks is generated ahead."""
-    fetch = _Fetch(source)
+    fetch = _Fetch(source, augment)
     chunks = [indices[i:i + chunk] for i in range(0, len(indices), chunk)]
     if pool is None:
         results = map(fetch, chunks)
@@ -221,7 +268,7 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                 source_info: Mapping[str, Any] | None = None,
                 tokenizer_paths: Mapping[str, str] | None = None, family: str = "fourm",
                 default_size: int = 64, strict_metadata: bool = True, overwrite: bool = False,
-                progress: bool = True,
+                progress: bool = True, augment: Augment | None = None,
                 fail_after_shards: int | None = None) -> dict:
     """Tokenize every sample of `source` (len + random access) into shards; returns the manifest.
 
@@ -247,6 +294,8 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                shard_size=shard_size, modalities=specs,
                value_bins=getattr(text_tokenizer, "value_bins", None), strict_metadata=strict_metadata,
                metadata_spec=_fingerprint({k: vars(v) for k, v in structure.METADATA_SPEC.items()}))
+    if augment is not None:  # (absent, not None, without it: fingerprints of earlier runs hold)
+        run["augment"] = dataclasses.asdict(augment)
     # Tokenizer identity is (version, config_hash); where a tokenizer lives does not matter.
     fingerprint = _fingerprint(dict(run, modalities={
         n: {k: v for k, v in s.items() if k != "tokenizer"} | dict(tokenizer={
@@ -282,7 +331,10 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
     pool = None
     if workers > 0 and todo:
         # spawn, not fork: the parent holds JAX runtime threads, which fork would clone broken.
-        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        # Spawned workers start bare: they import the user's registration modules first.
+        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=registry.load_modules,
+                                      initargs=(registry.loaded_modules(),))
     bar = tqdm(total=total, initial=done_samples, unit="sample", desc="pretokenize",
                disable=not progress)
     t0, processed = time.perf_counter(), 0
@@ -294,7 +346,9 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
             writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
             lengths: dict[str, list[int]] = {n: [] for n, s in specs.items() if s["kind"] == "sequence"}
             try:
-                for batch in _batches(_sample_iter(source, range(lo, hi), pool, workers), batch_size):
+                batches = _batches(_sample_iter(source, range(lo, hi), pool, workers,
+                                                augment=augment), batch_size)
+                for batch in prefetch(batches):
                     records = tokenize_batch(batch, specs, image_tokenizers, text_tokenizer,
                                              batch_size=batch_size, default_size=default_size,
                                              strict_metadata=strict_metadata)
@@ -342,5 +396,7 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                     benchmark=dict(samples=processed, seconds=round(seconds, 3),
                                    samples_per_second=round(rate, 2), workers=workers,
                                    batch_size=batch_size))
+    if augment is not None:
+        manifest["augment"] = run["augment"]
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest
