@@ -50,6 +50,13 @@ def get_config(arg="tiny"):
   c.model = model_config("tiny", "swiglu")
   c.model.modalities = list(SCENE_MODALITIES)
 
+  # ---- initialisation (fine-tuning; fourm.train.finetune): "" = from scratch, else a fourm export
+  # or an official 4M folder. Parameters the checkpoint lacks start fresh (named in the log).
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = ""
+  c.init.freeze = ()  # parameter-name globs kept as loaded, e.g. ("encoder/*", "enc_embed/*")
+  c.init.new_lr = 0.0  # peak lr of the parameters the checkpoint lacks (0 = optim.lr)
+
   # ---- optimisation (4M: AdamW 0.9/0.95, wd 0.05, warmup + cosine) ----
   c.batch_size = 64  # global, over all processes
   c.grad_accum = 1  # micro-batches per step (batch_size / grad_accum each)
@@ -70,6 +77,10 @@ def get_config(arg="tiny"):
   # that step boundary it waits for the write to finish (the save is durable). 1 = the write
   # overlaps one step, so a kill loses at most ckpt_every steps; -1 = never wait (fully async).
   c.ckpt_durable_within_steps = 1
+  # In-process tests only (tests/test_finetune.py): the trainer sends itself `debug_signal` right
+  # after this step. Subprocess tests send real signals instead (tests/test_train.py).
+  c.debug_signal_at_step = -1
+  c.debug_signal = "SIGKILL"
 
   if arg == "smoke":
     c.model.update(dim=64, encoder_depth=2, decoder_depth=2, num_heads=2)
