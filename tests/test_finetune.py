@@ -154,7 +154,6 @@ def test_finetune_from_official_4m_checkpoint_with_a_new_modality(shared_dir):
                      scan_layers=True, remat="none")
     del cfg["model"]
     cfg.model = model_cfg
-    cfg.masking.text.num_sentinels = 200
     cfg.init.checkpoint = str(src)
     cfg.init.freeze = ("encoder/*",)
     plan = build_plan(cfg)
