@@ -176,10 +176,14 @@ def test_ml4m_generation_parity(shared_dir):
     from fourm.compat import ml4m
     from fourm.compat.ml4m_generation import check_generation, format_report
 
-    report = check_generation(ml4m.load(fixture), fixture, loop="scan", compiler_options=FAST)
+    wordpiece = shared_dir / "fixtures" / "ml4m" / "tokenizers" / "wordpiece_text"
+    report = check_generation(ml4m.load(fixture), fixture, loop="scan", compiler_options=FAST,
+                              text_tokenizer=wordpiece if wordpiece.is_dir() else None)
     assert report["ok"], format_report(report)
     assert report["depth_maskgit8"]["num_predictions"] == 882
     assert report["caption_ar"]["num_generated"] == 20
+    if wordpiece.is_dir():  # the generated ids, decoded by 4M's WordPiece as ml-4m printed them
+        assert report["caption_ar"]["decoded_text_equal"]
 
 
 def test_generate_function_api(model, image, scan_run):

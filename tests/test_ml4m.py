@@ -218,9 +218,9 @@ def test_fixture_batch_errors_are_named(model):
 
 @pytest.mark.parametrize("variant", [
     dict(act_layer="GELU", gated_mlp=False, qkv_bias=True, proj_bias=True, mlp_bias=True, norm_bias=True,
-         num_register_tokens=2, share_modality_embeddings=False),
+         num_register_tokens=2, share_modality_embeddings=False, mlp_ratio=3.0),
     dict(act_layer="SiLU", gated_mlp=True, qkv_bias=False, proj_bias=False, mlp_bias=False, norm_bias=False,
-         qk_norm=True, decoder_causal_mask=True,
+         qk_norm=True, decoder_causal_mask=True, mlp_ratio=2.5,
          domains_in=["rgb@224", "tok_dinov2_global", "caption"], domains_out=["tok_dinov2_global", "caption"]),
 ])
 def test_variants_round_trip_through_4m_format(tmp_path, variant):
@@ -249,3 +249,172 @@ def test_variants_round_trip_through_4m_format(tmp_path, variant):
     else:
         assert "tok_dinov2_global" in spec.learned_pos_emb
         assert t["decoder.0.cross_attn.k_norm.weight"].shape == (12,)
+
+
+# ------------------------------------------------------------------------------------------------
+# the generation replay reads everything from generation.json / .npz (no run key or modality built in)
+# ------------------------------------------------------------------------------------------------
+
+
+def _grid_arrays(key, out, name):
+    tr = out.trace[name]
+    return {f"{key}/tokens": out.tokens[name].reshape(-1), f"{key}/decode_step": tr["decode_step"][0],
+            f"{key}/num_tokens_per_step": tr["num_tokens_per_step"][0],
+            f"{key}/step_argmax": tr["step_ids"][:, 0], f"{key}/step_argmax_logprob": tr["step_logp"][:, 0]}
+
+
+def test_generation_replay_follows_generation_json(model, tmp_path):
+    """A fixture in the reference script's format with other run names, targets, schedules and
+    conditions (token grid + text + pixels) replays as written. Its expected arrays come from
+    fourm's Generator fed the raw data directly (this pins the reading of the files; 4M parity of
+    the sampler itself is tiny_swiglu's generation section), and altering a condition in the file
+    must change the verdict."""
+    from fourm.compat.ml4m_generation import check_generation, format_report
+    from fourm.generate.chain import Generator, Normalised, Target, TextIds
+
+    g = np.load(FIXTURE / "generation.npz", allow_pickle=False)
+    b = np.load(FIXTURE / "batch.npz", allow_pickle=False)
+    depth = b["raw/tok_depth@224"][:1]
+    cap = b["raw/caption_ids"][:1]
+    cap_ids = cap[cap >= 0]  # the caption + [EOS], as 4M feeds a full text condition
+    pixels = g["cond/rgb@224/tensor"]
+    gen = Generator(model, loop="scan", text_ids=TextIds(num_sentinels=200), compiler_options=FAST_COMPILE)
+    cond_a = {"tok_depth@224": depth, "caption": cap_ids[None]}
+    out_a = gen.generate(cond_a, [Target("tok_rgb@224", steps=3, token_schedule="linear", temperature=0.0)],
+                         return_trace=True)
+    out_b = gen.generate({"rgb@224": Normalised(pixels.transpose(0, 2, 3, 1)), "tok_depth@224": depth},
+                         [Target("caption", max_new_tokens=6, temperature=0.0)], return_trace=True)
+    tb = out_b.trace["caption"]
+    n = int(tb["length"][0])
+    arrays = {"cond/tok_depth@224/tensor": depth, "cond/tok_depth@224/input_mask": np.zeros_like(depth, bool),
+              "cond/caption/tensor": np.pad(cap_ids, (0, 4))[None].astype(np.int32),
+              "cond/caption/input_mask": (np.arange(len(cap_ids) + 4) >= len(cap_ids))[None],
+              "cond/rgb@224/tensor": pixels, "cond/rgb@224/input_mask": np.zeros((1, 196), bool),
+              **_grid_arrays("rgb from depth+text", out_a, "tok_rgb@224"),
+              "words/sequence": np.concatenate([[5], tb["generated"][0, :n]]),
+              "words/num_generated": np.int64(n), "words/step_argmax_logprob": tb["step_logp"][0, :n],
+              "words/merged": np.asarray(tb["merged"][0])}
+    runs = [dict(key="rgb from depth+text", target_domain="tok_rgb@224", scheme="maskgit",
+                 cond_domains=["tok_depth@224", "caption"], decoding_steps=3, token_decoding_schedule="linear",
+                 num_tokens_per_step=out_a.trace["tok_rgb@224"]["num_tokens_per_step"][0].tolist(),
+                 schedule=[dict(target_domain="tok_rgb@224", temperature=0.0, cfg_scale=1.0)]),
+            dict(key="words", target_domain="caption", scheme="autoregressive", max_new_tokens=6,
+                 cond_domains=["rgb@224", "tok_depth@224"], decoding_steps=None, token_decoding_schedule=None)]
+    (tmp_path / "generation.json").write_text(json.dumps({"temperature": 0.0, "runs": runs}))
+    np.savez(tmp_path / "generation.npz", **arrays)
+    report = check_generation(model, tmp_path, loop="scan", compiler_options=FAST_COMPILE)
+    assert report["ok"], format_report(report)
+    assert list(report) == ["rgb from depth+text", "words", "ok"]
+    counts = runs[0]["num_tokens_per_step"]  # MaskGIT queries every position still unknown
+    assert len(counts) == 3 and report["rgb from depth+text"]["num_predictions"] == sum(
+        196 - sum(counts[:s]) for s in range(3))
+
+    # the text condition is read from the file: another caption gives other predictions
+    other = dict(arrays, **{"cond/caption/tensor": np.roll(arrays["cond/caption/tensor"], 3, axis=1)})
+    np.savez(tmp_path / "generation.npz", **other)
+    report = check_generation(model, tmp_path, loop="scan", compiler_options=FAST_COMPILE)
+    assert not report["rgb from depth+text"]["ok"] and report["words"]["ok"]
+
+    # a schedule fourm computes differently from the recorded one is a FAIL row, not a crash
+    runs[0]["token_decoding_schedule"] = "cosine"
+    (tmp_path / "generation.json").write_text(json.dumps({"runs": runs}))
+    report = check_generation(model, tmp_path, loop="scan", compiler_options=FAST_COMPILE)
+    assert report["rgb from depth+text"] == {"schedule_equal": False, "ok": False}
+
+    runs[0]["schedule"][0]["temperature"] = 0.7
+    (tmp_path / "generation.json").write_text(json.dumps({"runs": runs}))
+    with pytest.raises(ml4m_check.FixtureError, match="'rgb from depth\\+text'.*only greedy runs"):
+        check_generation(model, tmp_path)
+    runs[0]["schedule"][0].update(temperature=0.0, target_domain="tok_depth@224")
+    (tmp_path / "generation.json").write_text(json.dumps({"runs": runs}))
+    with pytest.raises(ml4m_check.FixtureError, match="also generates \\['tok_depth@224'\\]"):
+        check_generation(model, tmp_path)
+    del runs[0]["schedule"]
+    runs[1]["cond_domains"].append("tok_normal@224")
+    (tmp_path / "generation.json").write_text(json.dumps({"runs": runs}))
+    with pytest.raises(ml4m_check.FixtureError, match="'tok_normal@224' is not a modality of the model"):
+        check_generation(model, tmp_path)
+
+
+def test_generator_reads_and_writes_4m_text(model, shared_dir):
+    """4M's WordPiece tokenizer plugs into the Generator: a text condition is encoded as ml-4m
+    encodes a caption (ids + [EOS]) and a generated caption decodes as ml-4m printed it."""
+    from fourm.compat.ml4m_text import ML4MTextTokenizer
+    from fourm.generate.chain import Generator, Normalised, Target
+
+    wp = shared_dir / "fixtures" / "ml4m" / "tokenizers" / "wordpiece_text"
+    if not wp.is_dir():
+        pytest.skip("wordpiece fixture not available")
+    gen = Generator(model, {"text": ML4MTextTokenizer.load(wp)}, loop="scan", compiler_options=FAST_COMPILE)
+    assert gen.text_ids.num_sentinels == 200
+    b = np.load(FIXTURE / "batch.npz", allow_pickle=False)
+    states, _ = gen.prepare({"caption": str(b["raw/caption_text"][1])}, None, [])
+    st = states["caption"]
+    want = b["raw/caption_ids"][1]
+    np.testing.assert_array_equal(st.ids[0][st.known[0]], want[want >= 0])
+    g = np.load(FIXTURE / "generation.npz", allow_pickle=False)
+    out = gen.generate({"rgb@224": Normalised(g["cond/rgb@224/tensor"].transpose(0, 2, 3, 1))},
+                       [Target("caption", max_new_tokens=20, temperature=0.0)])
+    assert out.text["caption"] == [str(g["caption_ar/decoded_text"]).removeprefix("[S_1] ")]
+
+
+def test_check_command_on_another_variant(tmp_path):
+    """`fourm-ml4m check` on a fixture of another size, activation and modalities (GELU MLP with
+    biases, dim 32, tok_normal@224 + det): every row comes from the files, none is named in the
+    code. The variant is a fourm model exported to 4M's format and its reference arrays are
+    fourm's own, so this pins that the check generalises, not 4M numerics (tiny_swiglu does)."""
+    from fourm.compat import ml4m_export
+    from fourm.generate.chain import Generator, Normalised, Target, TextIds
+    from fourm.model.fourm_model import FourM
+    from fourm.model.pretrained import assign_params
+
+    cfg = json.loads((FIXTURE / "config.json").read_text())
+    cfg.update(act_layer="GELU", gated_mlp=False, qkv_bias=True, proj_bias=True, mlp_bias=True,
+               norm_bias=True, dim=32, num_heads=2, encoder_depth=1, decoder_depth=1,
+               domains_in=["rgb@224", "tok_normal@224", "det"], domains_out=["tok_normal@224", "det"])
+    spec = ml4m.spec_from_ml4m(cfg, verbose=False)
+    variant = nnx.eval_shape(lambda: FourM(spec, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(1)
+    assign_params(variant, {k: (rng.normal(size=v.shape) * 0.3).astype(np.float32)
+                            for k, v in flat_params(variant).items()})
+    d = tmp_path / "variant"
+    ml4m_export.export(variant, d)
+    # the tiny batch with its modalities renamed (same lengths and vocabularies: caption -> det,
+    # tok_depth@224 -> tok_normal@224; tok_rgb@224 dropped)
+    ren = {"caption": "det", "tok_depth@224": "tok_normal@224", "rgb@224": "rgb@224"}
+    b = np.load(FIXTURE / "batch.npz", allow_pickle=False)
+    batch = {k.replace(k.split("/")[0], ren[k.split("/")[0]], 1): b[k] for k in b.files if k.split("/")[0] in ren}
+    batch.update(num_encoder_tokens=b["num_encoder_tokens"], num_decoder_tokens=b["num_decoder_tokens"])
+    e = np.load(FIXTURE / "expected.npz", allow_pickle=False)
+    template = {}
+    for k in e.files:
+        mod = k.split("/", 1)[1] if "/" in k else None
+        if mod is None or mod in ren:
+            template[k if mod is None else k.replace(mod, ren[mod])] = e[k]
+    loaded = ml4m.load(d)
+    expected = ml4m_check.compute_fourm_outputs(loaded, batch, template, FAST_COMPILE)
+    expected = {k: v for k, v in expected.items() if k in template or k.startswith("logits_sample/")}
+    expected.update({k: v for k, v in template.items() if k.startswith("logits_sample_pos/")})
+    np.savez(d / "batch.npz", **batch)
+    np.savez(d / "expected.npz", **expected)
+    # one greedy MaskGIT run conditioned on pixels and text
+    g = np.load(FIXTURE / "generation.npz", allow_pickle=False)
+    det = b["raw/caption_ids"][0]
+    det = det[det >= 0]
+    gen = Generator(loaded, loop="scan", text_ids=TextIds(num_sentinels=200), compiler_options=FAST_COMPILE)
+    out = gen.generate({"rgb@224": Normalised(g["cond/rgb@224/tensor"].transpose(0, 2, 3, 1)), "det": det[None]},
+                       [Target("tok_normal@224", steps=1, temperature=0.0)], return_trace=True)
+    arrays = {"cond/rgb@224/tensor": g["cond/rgb@224/tensor"], "cond/det/tensor": det[None],
+              "cond/det/input_mask": np.zeros((1, len(det)), bool),
+              **_grid_arrays("normals", out, "tok_normal@224")}
+    np.savez(d / "generation.npz", **arrays)
+    (d / "generation.json").write_text(json.dumps({"runs": [dict(
+        key="normals", target_domain="tok_normal@224", scheme="maskgit", cond_domains=["rgb@224", "det"],
+        decoding_steps=1, token_decoding_schedule="cosine")]}))
+
+    rows = ml4m_check.run_check(d, compiler_options=FAST_COMPILE)  # what `fourm-ml4m check` runs
+    assert ml4m_check.passed(rows), ml4m_check.format_table(rows)
+    names = {r.name for r in rows if r.ok}
+    for name in ("encoder_out/det", "decoder_out/tok_normal@224", "argmax/det", "normals/token_mismatches"):
+        assert name in names, name
+    assert not any("caption" in n or "depth" in n for n in names)

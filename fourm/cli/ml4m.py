@@ -2,7 +2,9 @@
 
     fourm-ml4m convert SRC_DIR OUT_DIR     # 4M's config.json + model.safetensors -> fourm checkpoint
     fourm-ml4m check FIXTURE_DIR           # forward parity (and generation, when available)
-    fourm-ml4m check-tokenizer DIR         # 4M tokenizer parity (tokens, quant, decoded)
+        [--text_tokenizer text_tokenizer_4m_wordpiece_30k.json]   # also compare decoded text
+    fourm-ml4m check-tokenizer DIR         # 4M tokenizer parity (tokens, quant, decoded; text: ids,
+                                           # tokens and both decodes)
 
 `check` prints one table row per compared array (max |diff| for floats, mismatch counts for
 integers) and exits 0 only if everything matches (floats within --tol absolute, integers exactly,
@@ -25,7 +27,8 @@ USAGE = ("usage: fourm-ml4m convert SRC_DIR OUT_DIR | fourm-ml4m check FIXTURE_D
 RUNTIME_KEYS = ("dtype", "remat", "scan_layers", "attention_impl", "head_impl", "head_chunk")
 
 
-def run(args: list[str], runtime: dict | None = None, tol: float = 1e-4) -> int:
+def run(args: list[str], runtime: dict | None = None, tol: float = 1e-4,
+        text_tokenizer: str | None = None) -> int:
     """The command without absl (tests call this). Returns the exit status."""
     from fourm.compat import ml4m, ml4m_check
     from fourm.model.pretrained import CheckpointError
@@ -37,12 +40,13 @@ def run(args: list[str], runtime: dict | None = None, tol: float = 1e-4) -> int:
             print(f"wrote fourm checkpoint {out} (load with fourm.model.pretrained.load_pretrained)")
             return 0
         if len(args) == 2 and args[0] == "check":
-            return _report(ml4m_check, ml4m_check.run_check(args[1], tol=tol, **runtime))
+            rows = ml4m_check.run_check(args[1], tol=tol, text_tokenizer=text_tokenizer or None, **runtime)
+            return _report(ml4m_check, rows)
         if len(args) == 2 and args[0] == "check-tokenizer":
             from fourm.compat.ml4m_tokenizers import check as tok_check
 
             return _report(ml4m_check, tok_check.run_check(args[1], tol=tol))
-    except (CheckpointError, ml4m_check.FixtureError, KeyError) as e:
+    except (CheckpointError, ml4m_check.FixtureError, KeyError, FileNotFoundError) as e:
         print(f"fourm-ml4m: error: {e}", file=sys.stderr)
         return 2
     print(USAGE, file=sys.stderr)
@@ -65,6 +69,8 @@ def _define_flags():
     # absl flags (e.g. --config) may only be defined once per process.
     config = define_config_flag("model")
     flags.DEFINE_float("tol", 1e-4, "check: absolute tolerance for float arrays")
+    flags.DEFINE_string("text_tokenizer", None, "check: 4M's WordPiece tokenizer JSON; generated text "
+                        "is then decoded and compared too (default: a text_tokenizer*.json in the fixture)")
     return config
 
 
@@ -74,7 +80,7 @@ def main(argv=None):
     def _main(argv):
         cfg = config_flag.value
         runtime = {k: cfg.model[k] for k in RUNTIME_KEYS if "model" in cfg and k in cfg.model}
-        return run(list(argv[1:]), runtime, FLAGS.tol)
+        return run(list(argv[1:]), runtime, FLAGS.tol, FLAGS.text_tokenizer)
 
     app.run(_main, argv=argv)
 

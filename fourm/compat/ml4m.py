@@ -49,6 +49,10 @@ TRAINING_ONLY = {"drop_path_rate_encoder": 0.0, "drop_path_rate_decoder": 0.0,
 # 4M's float32 torch tables vs fourm's: at most ~1 ulp of a sin argument up to 512 (3.05e-5).
 POS_TOL = 5e-5
 ACTIVATIONS = {"SiLU": "silu", "GELU": "gelu", "ReLU": "relu"}
+# Rows of 4M's 1D sin-cos table of every sequence modality: SequenceEncoderEmbedding's
+# max_sincos_pos_emb default, which FM never overrides (so it is not in config.json). The
+# `pos_emb` buffers in model.safetensors have this many rows; `_pos` checks that.
+SEQ_POS_ROWS = 512
 
 # 4M modalities beyond fourm's registry defaults (4M-21 set). Registered on first use, family ml4m.
 _EXTRA = [
@@ -140,7 +144,7 @@ def spec_from_ml4m(cfg: Mapping[str, Any], source: str = CONFIG_FILE, verbose: b
         norm_eps=1e-6, num_register_tokens=int(c["num_register_tokens"]),
         share_modality_embeddings=bool(c["share_modality_embeddings"]), tie_output_embeddings=False,
         decoder_causal=bool(c["decoder_causal_mask"]), domains_in=list(c["domains_in"]),
-        domains_out=[n for n in c["domains_out"]], seq_pos_len=512,
+        domains_out=[n for n in c["domains_out"]], seq_pos_len=SEQ_POS_ROWS,
         learned_pos_emb=[n for n in names if n in LEARNED_POS], **runtime)
     no_decoder = [n for n in model_cfg["domains_out"] if modreg.get(n, "ml4m").kind == "pixels"]
     if no_decoder:
@@ -270,7 +274,7 @@ def _norm_bias(t: _Tensors, name: str, dim: int, spec: ModelSpec, out: dict, our
 
 
 def _pos(t: _Tensors, name: str, m: Modality, spec: ModelSpec, learned: bool, out: dict, ours: str) -> None:
-    rows = m.num_tokens if m.kind != "sequence" else 512
+    rows = m.num_tokens if m.kind != "sequence" else spec.seq_pos_len
     if learned:
         out[ours] = t.get(name, (1, m.num_tokens, spec.dim))[0]
         return

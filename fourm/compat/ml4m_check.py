@@ -318,10 +318,11 @@ def _generation_placeholder(ctx: CheckContext) -> list[Row]:
 
 
 def run_check(fixture: str | Path, tol: float = FLOAT_TOL, model=None, compiler_options: dict | None = None,
-              sections: list[str] | None = None, **runtime) -> list[Row]:
+              sections: list[str] | None = None, text_tokenizer=None, **runtime) -> list[Row]:
     """Load the fixture's checkpoint through the converter (unless `model` is given: one already
     loaded with `fourm.compat.ml4m.load(fixture)`) and run the registered sections (all, or the
-    names in `sections`)."""
+    names in `sections`). `text_tokenizer`: 4M's WordPiece JSON (path or loaded), to compare
+    decoded text too."""
     fixture = Path(fixture)
     if not fixture.is_dir():
         raise FixtureError(f"{fixture}: no such fixture folder")
@@ -333,6 +334,8 @@ def run_check(fixture: str | Path, tol: float = FLOAT_TOL, model=None, compiler_
         register_section("generation", _generation_placeholder)
     model = model if model is not None else ml4m.load(fixture, **runtime)
     ctx = CheckContext(fixture, model, model.spec, tol, compiler_options)
+    if text_tokenizer is not None:
+        ctx.extras["text_tokenizer"] = text_tokenizer
     rows: list[Row] = []
     known = [n for n, _ in _SECTIONS]
     unknown = sorted(set(sections or ()) - set(known))

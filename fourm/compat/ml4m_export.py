@@ -2,7 +2,7 @@
 
     export(model, "out_4m/")      # loadable by 4M's FM.from_pretrained and by fourm.compat.ml4m
 
-Only models whose structure 4M can express export (4M-family modality names, 224-px geometry,
+Only models whose structure 4M can express export (4M-family modality names, 4M's geometry,
 sin-cos positions or 4M's learned ones); anything else is an error naming the problem. The
 tests use it to round-trip every variant the converter supports (GELU with biases, qk-norm,
 registers, unshared modality embeddings, learned positions) through `ml4m.load`.
@@ -18,6 +18,7 @@ import numpy as np
 from fourm.compat import ml4m
 from fourm.model.embeddings import fixed_pos_table
 from fourm.model.pretrained import atomic_write, flat_params, write_safetensors
+from fourm.model.sizes import mlp_hidden_dim
 
 _ACTS = {v: k for k, v in ml4m.ACTIVATIONS.items()}
 
@@ -27,19 +28,34 @@ def ml4m_config(spec) -> dict:
         raise ValueError(f"activation {spec.act!r} has no 4M equivalent; 4M knows {sorted(_ACTS)}")
     if spec.tie_output_embeddings:
         raise ValueError("4M's FM builds untied output heads; a model with tie_output_embeddings cannot export")
-    default_hidden = int(2 * int(spec.dim * 4.0) / 3) if spec.gated_mlp else int(spec.dim * 4.0)
-    if spec.mlp_hidden != default_hidden:
-        raise ValueError(f"mlp_hidden={spec.mlp_hidden} is not 4M's rule for dim {spec.dim} "
-                         f"(would be {default_hidden})")
+    ratio = _mlp_ratio(spec)
+    # image_size only sizes the *_global grids (patch 56); every other 4M modality has its own
+    # input size and patch size in 4M's modality table, so config.json's values do not touch it.
+    sides = {spec.modality(n).grid[0] * 56 for n in spec.names if n.endswith("_global")}
+    if len(sides) > 1:
+        raise ValueError(f"global-token modalities with different grids {sorted(sides)} need different "
+                         "image sizes; 4M's config has one")
+    image_size = sides.pop() if sides else 224
     return dict(act_layer=_ACTS[spec.act], decoder_causal_mask=spec.decoder_causal, decoder_depth=spec.decoder_depth,
                 decoder_sep_mask=True, dim=spec.dim, domains_in=list(spec.domains_in),
                 domains_out=list(spec.domains_out), drop_path_rate_decoder=0.0, drop_path_rate_encoder=0.0,
-                encoder_depth=spec.encoder_depth, gated_mlp=spec.gated_mlp, image_size=224,
-                mlp_bias=spec.mlp_bias, mlp_ratio=4.0, norm_bias=spec.norm_bias, num_heads=spec.num_heads,
+                encoder_depth=spec.encoder_depth, gated_mlp=spec.gated_mlp, image_size=image_size,
+                mlp_bias=spec.mlp_bias, mlp_ratio=ratio, norm_bias=spec.norm_bias, num_heads=spec.num_heads,
                 num_register_tokens=spec.num_register_tokens, patch_size=16, proj_bias=spec.proj_bias,
                 qk_norm=spec.qk_norm, qkv_bias=spec.qkv_bias,
                 share_modality_embeddings=spec.share_modality_embeddings, shared_drop_path=False,
                 use_act_checkpoint=False)
+
+
+def _mlp_ratio(spec) -> float:
+    """An mlp_ratio for which 4M's rule (int(dim * r), gated: two thirds of it) gives mlp_hidden."""
+    h = spec.mlp_hidden
+    for full in ((h * 3 + 1) // 2, (h * 3) // 2, (h * 3 + 2) // 2) if spec.gated_mlp else (h,):
+        for ratio in (full / spec.dim, (full + 0.5) / spec.dim):
+            if mlp_hidden_dim(spec.dim, ratio, spec.gated_mlp) == h:
+                return ratio
+    raise ValueError(f"mlp_hidden={h} cannot come from 4M's rule for dim {spec.dim} "
+                     f"({'gated: int(2 * int(dim * r) / 3)' if spec.gated_mlp else 'int(dim * r)'})")
 
 
 def ml4m_state_dict(model) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -58,7 +74,7 @@ def ml4m_state_dict(model) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         if learned in p:
             out[f"{pre}.pos_emb"] = p[learned][None]
         else:
-            rows = 512 if m.kind == "sequence" else m.num_tokens
+            rows = spec.seq_pos_len if m.kind == "sequence" else m.num_tokens
             out[f"{pre}.pos_emb"] = fixed_pos_table(m, d, spec.seq_pos_len)[:rows][None]
 
     for n in spec.domains_in:

@@ -50,6 +50,8 @@ class Target:
     guidance: multi-modal guidance, a weight per condition name ({"rgb@64": 2, "caption": -1});
       the unconditional pass removes every named condition, pass k keeps condition k only.
     max_new_tokens: sequences, tokens to generate at most (default: the modality's max length - 1).
+    stop_at_eos: sequences, stop at [EOS] too when the last span is open (else only at the next
+      sentinel, as 4M's sampler does; the parity replay uses that).
     choice_temperature: MaskGIT's annealed noise on which positions are committed (0 = off).
     commit_step: replay a recorded MaskGIT commit order, int [B, N] or [N] (parity checks).
     """
@@ -66,6 +68,7 @@ class Target:
     guidance: Mapping[str, float] | None = dataclasses.field(default=None, compare=False)
     guidance_schedule: str = "constant"
     max_new_tokens: int | None = None
+    stop_at_eos: bool = True
     choice_temperature: float = 0.0
     commit_step: Any = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -320,7 +323,8 @@ class Generator:
         stops = {max(s) + 1 for s in sents}
         if len(stops) != 1:
             raise GenerationInputError(f"target {t.name!r}: samples have different sentinel counts")
-        stop_ids = (stops.pop(),) + ((ids.eos,) if all(r[-1] in ids.sentinel_ids for r in rows) else ())
+        open_end = t.stop_at_eos and all(r[-1] in ids.sentinel_ids for r in rows)
+        stop_ids = (stops.pop(),) + ((ids.eos,) if open_end else ())
         max_new = int(t.max_new_tokens or (m.max_length - 1))
         if not 1 <= max_new <= m.max_length:
             raise GenerationInputError(f"target {t.name!r}: max_new_tokens={max_new} outside "

@@ -16,7 +16,6 @@ check fail (row `decoded`, with the reason), never pass.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -24,11 +23,11 @@ import jax
 import numpy as np
 
 from fourm.compat.ml4m_check import FLOAT_TOL, FixtureError, Row, compare
+from fourm.compat.ml4m_text_check import check_text_fixture
 from fourm.compat.ml4m_tokenizers import load as tload
 from fourm.compat.ml4m_tokenizers.config import register_fixture_archs
 
 SECTION = "tokenizer"
-TEXT_CHECK = "fourm.compat.ml4m_text_check"  # WordPiece text fixtures (class "text_tokenizer")
 REQUIRED_ARRAYS = ("inputs", "tokens", "quant", "decoded")
 
 
@@ -89,14 +88,7 @@ def run_check(fixture, tol: float = FLOAT_TOL) -> list[Row]:
     fixture = Path(fixture)
     meta = _text_meta(fixture)
     if meta.get("class") == "text_tokenizer":  # 4M's WordPiece text tokenizer: its own check
-        try:
-            text_check = importlib.import_module(TEXT_CHECK)
-        except ModuleNotFoundError as e:
-            if e.name != TEXT_CHECK:
-                raise
-            raise FixtureError(f"{fixture}: a text tokenizer fixture; its check ({TEXT_CHECK}) is not in "
-                               "this fourm") from None
-        return text_check.check_text_fixture(fixture)
+        return check_text_fixture(fixture)
     meta, arrays = read_fixture(fixture)
     register_fixture_archs()
     if tload.unet is not None:
