@@ -13,6 +13,14 @@ Names may be short (rgb, depth, normals, semseg, caption, det/boxes, metadata) o
 (tok_depth@64). Conditions: images (.png/.jpg), arrays (.npy: token ids or native depth /
 normals / classes), boxes / metadata (.json), text files (.txt) or literal text.
 
+Official 4M checkpoints (config.json + model.safetensors of EPFL-VILAB/4M-*) run with 4M's
+released tokenizer folders and WordPiece JSON in --tokenizers (which folder serves which modality:
+`fourm.compat.ml4m_assets`), 4M's image preprocessing (center crop, bicubic resize) and 4M's
+recommended sampler settings (--preset: auto | rgb2x | x2rgb | maskgit8 | config):
+
+    fourm-generate --checkpoint 4M-21_XL_CC12M --tokenizers 4m_tokenizers \
+        --cond rgb=photo.jpg --targets depth,normal,semseg,caption,det --out runs/4m
+
 `fourm-generate-eval --checkpoint DIR --tokenizers DIR` scores RGB -> depth / normals / caption
 on held-out procedural scenes against mean baselines (`fourm.generate.evaluate`).
 """
@@ -38,6 +46,10 @@ flags.DEFINE_list("targets", [], "targets in order, each NAME[:key=value[:key=va
 flags.DEFINE_string("out", None, "output folder (default: config.out)")
 flags.DEFINE_integer("seed", None, "random seed (default: config.seed)")
 flags.DEFINE_integer("batch", None, "samples per condition set (default: config.batch)")
+flags.DEFINE_string("preset", "auto", "sampler settings every target starts from: config (the "
+                    "config's grid/text defaults) or one of 4M's: rgb2x, x2rgb, maskgit8; auto = "
+                    "config for fourm checkpoints, 4M's rgb2x / x2rgb choice for 4M checkpoints")
+flags.DEFINE_integer("diffusion_steps", 50, "DiVAE tokenizers (4M): diffusion steps per decode")
 FLAGS = flags.FLAGS
 
 SHORT = {"rgb": "rgb", "image": "rgb", "depth": "depth", "normals": "normals", "normal": "normals",
@@ -48,6 +60,15 @@ SHORT = {"rgb": "rgb", "image": "rgb", "depth": "depth", "normals": "normals", "
 # ------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------
+def is_ml4m(path: str) -> bool:
+    """An official 4M folder (its config.json has no fourm `format` key)."""
+    p = Path(path) / "config.json"
+    try:
+        return p.is_file() and "format" not in json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
 def load_model(path: str):
     from fourm.model.pretrained import CONFIG_FILE, read_config, load_pretrained
 
@@ -55,8 +76,7 @@ def load_model(path: str):
     if not (p / CONFIG_FILE).is_file():
         raise app.UsageError(f"--checkpoint {p}: no {CONFIG_FILE} there (expected a fourm or 4M "
                              "checkpoint folder)")
-    doc = json.loads((p / CONFIG_FILE).read_text())
-    if "format" in doc:
+    if not is_ml4m(path):
         read_config(p)
         return load_pretrained(p)
     from fourm.compat import ml4m
@@ -105,13 +125,14 @@ def load_image_tokenizer(path: Path):
 
 def resolve_name(spec, name: str, role: str) -> str:
     """Model modality for a short or full name; conditions prefer pixel inputs (rgb@R) and
-    targets token modalities (tok_rgb@R)."""
+    targets token modalities (tok_rgb@R). 4M's stems (normal, det) work too."""
     from fourm.generate.inputs import GenerationInputError
 
     if name in spec.names:
         return name
-    source = SHORT.get(name.lower())
-    cands = [m for m in spec.modalities if source and m.source == source]
+    keys = {name.lower(), SHORT.get(name.lower())} - {None}
+    keys |= {"normal" for k in keys if k == "normals"} | {"det" for k in keys if k == "boxes"}
+    cands = [m for m in spec.modalities if m.source in keys]
     if role == "target":
         cands = [m for m in cands if m.name in spec.domains_out]
     else:
@@ -125,8 +146,9 @@ def resolve_name(spec, name: str, role: str) -> str:
 # ------------------------------------------------------------------------------------------
 # Conditions and targets from flags
 # ------------------------------------------------------------------------------------------
-def read_condition(mod, value: str, res: int):
-    """A condition value: a file (image, .npy, .json, .txt) or literal text for sequences."""
+def read_condition(mod, value: str, res: int, ml4m: bool = False):
+    """A condition value: a file (image, .npy, .json, .txt) or literal text for sequences.
+    ml4m: RGB images are prepared as 4M does (center crop, bicubic resize to res)."""
     import numpy as np
     from PIL import Image
 
@@ -135,6 +157,10 @@ def read_condition(mod, value: str, res: int):
     p = Path(value)
     if p.is_file():
         ext = p.suffix.lower()
+        if ext in (".png", ".jpg", ".jpeg") and ml4m and (mod.kind == "pixels" or mod.source == "rgb"):
+            from fourm.compat import ml4m_assets
+
+            return ml4m_assets.read_image(p, res)
         if ext in (".png", ".jpg", ".jpeg"):
             img = Image.open(p)
             if mod.kind == "pixels" or mod.source == "rgb":
@@ -162,13 +188,19 @@ def read_condition(mod, value: str, res: int):
     raise FileNotFoundError(f"--cond {mod.name}={value}: no such file")
 
 
-def parse_target(spec, item: str, cfg):
+def parse_target(spec, item: str, cfg, preset: str = "config"):
+    """A Target from NAME[:key=value...]: the config's defaults (preset "config") or a 4M preset
+    (`fourm.compat.ml4m_assets.PRESETS`), then the options."""
     from fourm.generate.chain import Target
 
     name, *opts = item.split(":")
     name = resolve_name(spec, name.strip(), "target")
     m = spec.modality(name)
     base = dict(cfg.text) if m.kind == "sequence" else dict(cfg.grid)
+    if preset != "config":
+        from fourm.compat import ml4m_assets
+
+        base.update(ml4m_assets.preset_settings(preset, m))
     for o in opts:
         k, sep, v = o.partition("=")
         if not sep or k not in base:
@@ -186,19 +218,30 @@ def parse_target(spec, item: str, cfg):
 # ------------------------------------------------------------------------------------------
 # Outputs
 # ------------------------------------------------------------------------------------------
-def picture(mod, native, tokens, rgb=None, text: str | None = None, res: int = 64):
-    """A uint8 RGB picture of a generated (or given) modality, or None for plain text."""
+def picture(mod, native, tokens, rgb=None, text: str | None = None, res: int = 64, tok=None,
+            ml4m: bool = False):
+    """A uint8 RGB picture of a generated (or given) modality, or None for plain text. `tok`:
+    the modality's tokenizer when it draws its own pictures (4M's); ml4m: 4M's box text."""
     import numpy as np
 
     from fourm.data import visualize as vis
     from fourm.tokenizers import structure
 
-    if mod.source == "boxes" and text is not None:
+    if mod.source in ("boxes", "det") and text is not None:
         base = rgb if rgb is not None else np.full((res, res, 3), 255, np.uint8)
-        boxes = structure.text_to_boxes(text, base.shape[:2], strict=False)
+        if ml4m:  # "v0=x0 v1=y0 v2=x1 v3=y1 class", coordinates binned over [0, 1]
+            from fourm.compat import ml4m_text
+
+            h, w = base.shape[:2]
+            boxes = [{"box": [x0 * w, y0 * h, x1 * w, y1 * h], "class": c}
+                     for x0, y0, x1, y1, c in ml4m_text.text_to_boxes(text)]
+        else:
+            boxes = structure.text_to_boxes(text, base.shape[:2], strict=False)
         return vis.draw_boxes(base, boxes, labels=True)
     if mod.kind == "sequence":
         return None
+    if native is not None and hasattr(tok, "picture"):
+        return tok.picture(native)
     if native is None:  # no tokenizer: show the token ids with a palette
         return vis.colorize_semseg(np.asarray(tokens))
     return {"depth": vis.colorize_depth, "normals": vis.colorize_normals,
@@ -237,30 +280,64 @@ def _main(argv):
         raise app.UsageError("--checkpoint is required")
     if not FLAGS.targets:
         raise app.UsageError("--targets is required (e.g. --targets depth,caption)")
+    ml4m = is_ml4m(FLAGS.checkpoint)
     model = load_model(FLAGS.checkpoint)
     spec = model.spec
-    gen = Generator(model, load_tokenizers(FLAGS.tokenizers), resize=cfg.resize, loop=cfg.loop,
-                    kv_cache=cfg.kv_cache)
     res = next((m.grid[0] * m.patch_size for m in spec.modalities if m.kind == "pixels"), 64)
-    conditions = {}
+    if ml4m:
+        res = next((m.grid[0] * 16 for m in spec.modalities if m.name.startswith("tok_rgb@")), res)
+    cond_values = {}
     for item in FLAGS.cond:
         key, sep, value = item.partition("=")
         if not sep:
             raise app.UsageError(f"--cond {item!r}: expected NAME=VALUE")
-        name = resolve_name(spec, key.strip(), "condition")
-        conditions[name] = read_condition(spec.modality(name), value, res)
-    targets = [parse_target(spec, t, cfg) for t in FLAGS.targets]
+        cond_values[resolve_name(spec, key.strip(), "condition")] = value
+    preset = FLAGS.preset
+    if preset == "auto":
+        from fourm.compat import ml4m_assets
+
+        preset = ml4m_assets.auto_preset(list(cond_values)) if ml4m else "config"
+    targets = [parse_target(spec, t, cfg, preset) for t in FLAGS.targets]
     seed = cfg.seed if FLAGS.seed is None else FLAGS.seed
+    conditions = {n: read_condition(spec.modality(n), v, res, ml4m) for n, v in cond_values.items()}
+    if ml4m:  # only the tokenizers this run needs (released ones are large)
+        from fourm.compat import ml4m_assets
+
+        if not FLAGS.tokenizers:
+            raise app.UsageError("--tokenizers is required with a 4M checkpoint (the folder of "
+                                 "4M_tokenizers_* folders and text_tokenizer_4m_wordpiece_30k.json)")
+        needed = [t.name for t in targets] + [n for n, v in conditions.items() if _needs_tokenizer(spec, n, v)]
+        toks = ml4m_assets.load_tokenizers(FLAGS.tokenizers, spec, needed, seed=seed,
+                                           diffusion_steps=FLAGS.diffusion_steps)
+    else:
+        toks = load_tokenizers(FLAGS.tokenizers)
+    gen = Generator(model, toks, resize=cfg.resize, loop=cfg.loop, kv_cache=cfg.kv_cache)
     batch = FLAGS.batch or cfg.batch
     out = gen.generate(conditions, targets, seed=seed, batch_size=batch)
-    write_outputs(Path(FLAGS.out or cfg.out), gen, conditions, targets, out, res)
+    write_outputs(Path(FLAGS.out or cfg.out), gen, conditions, targets, out, res, ml4m=ml4m)
     for n in out.notices:
         print(f"notice: {n}")
     for k, s in out.seconds.items():
         print(f"{k}: {s:.2f} s")
 
 
-def write_outputs(root: Path, gen, conditions, targets, out, res: int) -> None:
+def _needs_tokenizer(spec, name: str, value) -> bool:
+    """A condition that must go through a tokenizer: text, or a grid given natively (not ids)."""
+    import numpy as np
+
+    m = spec.modality(name)
+    if m.kind == "sequence":
+        return not (hasattr(value, "dtype") and np.issubdtype(value.dtype, np.integer))
+    if m.kind != "grid":
+        return False
+    a = np.asarray(value)
+    ids = np.issubdtype(a.dtype, np.integer) and (a.shape[-2:] == tuple(m.grid) or a.shape[-1] == m.num_tokens)
+    return not ids
+
+
+def write_outputs(root: Path, gen, conditions, targets, out, res: int, ml4m: bool = False) -> None:
+    import io
+
     import numpy as np
 
     from fourm.data import visualize as vis
@@ -286,12 +363,17 @@ def write_outputs(root: Path, gen, conditions, targets, out, res: int) -> None:
             m = spec.modality(t.name)
             text = out.text.get(t.name, [None] * batch)[b]
             native = out.decoded.get(t.name)
-            pic = picture(m, None if native is None else native[b], out.tokens[t.name][b], rgb, text, res)
+            pic = picture(m, None if native is None else native[b], out.tokens[t.name][b], rgb, text, res,
+                          tok=gen.image_tokenizers.get(t.name), ml4m=ml4m)
             stem = f"{b:03d}_{t.name.replace('@', '_')}"
             if pic is not None:
                 vis.save_png(root / f"{stem}.png", pic)
                 cells.append(pic)
                 names.append(t.name)
+            elif native is not None:  # no picture form (e.g. 4M's global feature vectors)
+                buf = io.BytesIO()
+                np.save(buf, np.asarray(native[b]), allow_pickle=False)
+                atomic_write_bytes(root / f"{stem}.npy", buf.getvalue())
             if text is not None:
                 atomic_write_bytes(root / f"{stem}.txt", (text + "\n").encode("utf-8"))
                 texts.append(f"{t.name}: {text}")
@@ -300,8 +382,6 @@ def write_outputs(root: Path, gen, conditions, targets, out, res: int) -> None:
         titles = titles or names
     if any(rows):
         vis.save_png(root / "grid.png", vis.make_grid(rows, captions=captions, col_titles=titles))
-    import io
-
     buf = io.BytesIO()
     np.savez_compressed(buf, **{k: np.asarray(v) for k, v in out.tokens.items()})
     atomic_write_bytes(root / "tokens.npz", buf.getvalue())
@@ -344,8 +424,25 @@ def _eval_main(argv):
     atomic_write_bytes(out / "eval.json", json.dumps(fig, indent=1, default=float).encode())
 
 
+def _run_reporting(fn):
+    """Run fn; input/asset errors end as one line on stderr (exit 1), nothing written."""
+    import sys
+
+    from fourm.generate.inputs import GenerationInputError
+    from fourm.model.pretrained import CheckpointError
+
+    def run(argv):
+        try:
+            fn(argv)
+        except (GenerationInputError, CheckpointError, FileNotFoundError, ValueError) as e:
+            print(f"fourm-generate: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                  file=sys.stderr)
+            sys.exit(1)
+    return run
+
+
 def main():
-    app.run(_main)
+    app.run(_run_reporting(_main))
 
 
 def eval_main():

@@ -37,11 +37,13 @@ import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fourm.compat import ml4m_text
 from fourm.compat.ml4m_tokenizers.artifact import io_shapes
 from fourm.compat.ml4m_tokenizers.config import TokenizerConfigError
 from fourm.compat.ml4m_tokenizers.load import CONFIG_FILE, WEIGHTS_FILE, Tokenizer
 from fourm.compat.ml4m_tokenizers.load import load as load_folder
 from fourm.data import visualize as vis
+from fourm.masking.transform import IMAGENET_MEAN, IMAGENET_STD
 
 MAP_FILE = "tokenizers.json"
 TEXT_GLOB = "text_tokenizer*.json"
@@ -212,7 +214,6 @@ class ML4MImageTokenizer:
             x = x * 2.0 - 1.0 if np.asarray(native).dtype == np.uint8 else x
             return x.transpose(0, 3, 1, 2)
         if self.tok.cfg.undo_std:
-            from fourm.masking.transform import IMAGENET_MEAN, IMAGENET_STD
             x = (x - IMAGENET_MEAN) / IMAGENET_STD
         else:
             x = x * 2.0 - 1.0
@@ -333,8 +334,6 @@ def load_tokenizers(root: str | Path, spec, names: Sequence[str], *, diffusion_s
                     seed: int = 0) -> dict[str, Any]:
     """{modality: ML4MImageTokenizer} for the grid modalities in `names`, plus {"text": the
     WordPiece tokenizer} when a sequence modality is among them. Errors name the folder."""
-    from fourm.compat import ml4m_text
-
     root = Path(root)
     if not root.is_dir():
         raise AssetError(f"--tokenizers {root}: no such folder")
