@@ -110,4 +110,14 @@ def get_config(arg=None):
       input_batches=3 if quick else 20,
       scenes=64 if quick else 256,
   ))
+
+  # 4M's DiVAE decoder (the released rgb tokenizer's patched UNet, random weights): one image,
+  # few-step DDIM vs the 1000-step DDPM default. Run with --only divae (not in the default list).
+  c.divae = ml_collections.ConfigDict(dict(
+      arch="unet_patched",
+      image_size=32 if quick else 224,
+      encoder_patch=8 if quick else 16,  # latent grid = image_size / encoder_patch (14 x 14 at 224)
+      runs=("ddim:2", "ddpm:2") if quick else ("ddim:25", "ddpm:1000"),
+      batch=1,
+  ))
   return c

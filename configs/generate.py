@@ -8,6 +8,7 @@ set what to generate; this config holds the defaults every target starts from. P
 import ml_collections
 
 from fourm.config import common_config
+from fourm.generate import defaults
 
 
 def get_config(arg=None):
@@ -21,23 +22,10 @@ def get_config(arg=None):
   # (unrolled when every sample has the same number of known tokens).
   c.loop = "scan"
   c.kv_cache = True
-  # Image-like targets (depth, normals, rgb, semseg tokens).
-  c.grid = ml_collections.ConfigDict(dict(
-      scheme="maskgit",  # maskgit | roar
-      steps=8,
-      token_schedule="cosine",  # cosine | linear | constant (then steps = tokens per step)
-      temperature=0.5,  # 0 = greedy
-      temperature_schedule="linear",  # constant | linear | cosine | onex:<min>:<power>
-      top_k=0,  # 0 = off
-      top_p=1.0,  # nucleus mass in (0, 1]; 1 = off
-      guidance_scale=1.0,  # classifier-free guidance (1 = off)
-      guidance_schedule="constant",
-      choice_temperature=0.0))
-  # Sequence targets (caption, det, metadata).
-  c.text = ml_collections.ConfigDict(dict(
-      temperature=0.3, temperature_schedule="constant", top_k=0, top_p=1.0,
-      guidance_scale=1.0, guidance_schedule="constant",
-      max_new_tokens=0))  # 0 = the modality's maximum length - 1
+  # Sampler defaults per target kind: fourm's one default (greedy; fourm.generate.defaults),
+  # shared with the quickstart and the notebooks.
+  c.grid = ml_collections.ConfigDict(dict(defaults.GRID))  # image-like targets (token grids)
+  c.text = ml_collections.ConfigDict(dict(defaults.TEXT))  # sequences (caption, det, metadata)
   # fourm-generate-eval: held-out procedural scenes against mean baselines.
   c.eval = ml_collections.ConfigDict(dict(
       num=32, start=1_000_000, train_scenes=256, batch_size=8, resolution=64,

@@ -24,14 +24,6 @@ SCENE_MODALITIES = ["rgb@64", "tok_rgb@64", "tok_depth@64", "tok_normal@64", "to
                     "caption", "det"]
 
 
-def _set_tuple(node, key, values):
-  # A tuple, not a list: absl config flags can override tuples from the command line
-  # (--config.model.modalities="('tok_rgb@64','caption')"); ConfigDict keeps a field's first type.
-  if key in node:
-    del node[key]
-  node[key] = tuple(values)
-
-
 def get_config(arg="tiny"):
   arg = arg or "tiny"
   c = common_config()
@@ -53,7 +45,7 @@ def get_config(arg="tiny"):
 
   # ---- model ----
   c.model = model_config("tiny", "swiglu")
-  _set_tuple(c.model, "modalities", SCENE_MODALITIES)
+  c.model.modalities = list(SCENE_MODALITIES)
 
   # ---- optimisation (4M: AdamW 0.9/0.95, wd 0.05, warmup + cosine) ----
   c.batch_size = 64  # global, over all processes
@@ -77,7 +69,7 @@ def get_config(arg="tiny"):
 
   if arg == "smoke":
     c.model.update(dim=64, encoder_depth=2, decoder_depth=2, num_heads=2)
-    _set_tuple(c.model, "modalities", ("rgb@64", "tok_rgb@64", "tok_depth@64", "caption"))
+    c.model.modalities = ["rgb@64", "tok_rgb@64", "tok_depth@64", "caption"]
     c.masking.input_budget = 32
     c.masking.target_budget = 32
     c.batch_size = 16
@@ -106,7 +98,7 @@ def get_config(arg="tiny"):
     c.model = model_config(arg, "swiglu")
     c.model.family = "ml4m"
     from fourm.modalities import ML4M_7
-    _set_tuple(c.model, "modalities", ML4M_7)
+    c.model.modalities = list(ML4M_7)
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     c.masking.input_budget = 128

@@ -7,13 +7,15 @@ Shared defaults live in `configs/common.py`; the other config files start from i
 
 from __future__ import annotations
 
-import importlib.util
+import ast
+import difflib
 import json
-import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections.config_flags import config_flags, config_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -35,88 +37,134 @@ def resolve_config_path(spec: str) -> tuple[Path, str | None]:
     return path, (arg or None)
 
 
+class ConfigKeyError(flags.Error, ValueError):
+    """A `--config.KEY` override names a field the config does not have."""
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Load `path.py[:arg]` and apply `key=value` overrides (the same syntax as `--config.key=value`)."""
-    path, arg = resolve_config_path(spec)
-    module_name = f"_fourm_config_{path.stem}_{abs(hash(str(path)))}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module
-    module_spec.loader.exec_module(module)
-    cfg = module.get_config(arg) if arg is not None else module.get_config()
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like key=value")
-        apply_override(cfg, key.removeprefix("--config.").removeprefix("config."), value)
-    return cfg
-
-
-def apply_override(cfg: ml_collections.ConfigDict, dotted_key: str, value: str) -> None:
-    """Set `cfg.a.b = value`, parsing value with the type of the existing field."""
-    *parents, leaf = dotted_key.split(".")
-    node = cfg
-    for p in parents:
-        if p not in node:
-            raise KeyError(f"config has no field {dotted_key!r} (missing {p!r})")
-        node = node[p]
-    if leaf not in node:
-        raise KeyError(f"config has no field {dotted_key!r}; fields here: {sorted(node.keys())}")
-    node[leaf] = _parse_like(node[leaf], value, dotted_key)
-
-
-def _parse_like(current: Any, value: str, key: str) -> Any:
+    """Load `path.py[:arg]` and apply `key=value` overrides, through the same ml-collections config
+    flag the commands use (`--config.key=value`), so a value parses the same way everywhere."""
+    argv = override_args(["load_config", f"--config={spec}"]
+                         + [f"--config.{o.removeprefix('--config.').removeprefix('config.')}"
+                            for o in overrides])
+    fv = flags.FlagValues()
     try:
-        if isinstance(current, bool):
-            if value.lower() in ("1", "true", "yes"):
-                return True
-            if value.lower() in ("0", "false", "no"):
-                return False
-            raise ValueError(value)
-        if isinstance(current, int):
-            return int(value)
-        if isinstance(current, float):
-            return float(value)
-        if isinstance(current, str) or current is None:
-            return value
-        if isinstance(current, (tuple, list)):
-            parsed = json.loads(value) if value.strip().startswith("[") else [
-                v for v in value.split(",") if v]
-            if current and not isinstance(current[0], str):
-                parsed = [type(current[0])(v) for v in parsed]
-            return type(current)(parsed)
-    except (ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"--config.{key}: cannot parse {value!r} as {type(current).__name__}") from e
-    raise ValueError(f"--config.{key}: cannot override a field of type {type(current).__name__}")
+        holder = define_config_flag(spec, fv, argv)
+        fv(argv)
+    except flags.Error as e:
+        raise ValueError(str(e)) from None
+    return holder.value
 
 
-def define_config_flag(default: str, help_text: str = "ml-collections config file, path.py[:arg] "
-                       "or a name in configs/ (e.g. pretrain:smoke)"):
-    """Define absl's `--config` flag (with `--config.key=value` overrides) defaulting to `default`.
+def override_args(argv: Sequence[str], name: str = "config") -> list[str]:
+    """Quote override path parts that are not Python identifiers, for ml-collections' path parser:
+    `--config.image_tokenizers.tok_depth@64=DIR` -> `--config.image_tokenizers["tok_depth@64"]=DIR`
+    (modality names carry `@`, which it would read as an operator)."""
+    out = []
+    prefix = f"--{name}."
+    for a in argv:
+        if a.startswith(prefix) and "[" not in a.split("=", 1)[0]:
+            path, eq, value = a[len(prefix):].partition("=")
+            parts = [p if p.isidentifier() else f'["{p}"]' for p in path.split(".")]
+            a = prefix + "".join(p if p.startswith("[") or i == 0 else "." + p
+                                 for i, p in enumerate(parts)) + eq + value
+        out.append(a)
+    return out
 
-    Like ml-collections' DEFINE_config_file, except that a bare name (`--config pretrain:smoke`)
-    is looked up in the repository's configs/ folder, on the command line as for the default.
+
+def dotted_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every field of a config as a dotted path (`optim.lr`)."""
+    keys = []
+    for k, v in cfg.items():
+        keys.append(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys += dotted_keys(v, prefix + k + ".")
+    return keys
+
+
+def _is_modality_name(name: str) -> bool:
+    from fourm import modalities
+
+    for family in ("fourm", "ml4m"):
+        try:
+            modalities.get(name, family)
+            return True
+        except (KeyError, ValueError):
+            continue
+    return False
+
+
+def _literal(value: str):
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def check_override_keys(cfg: ml_collections.ConfigDict, overrides: Sequence[str],
+                        argv: Sequence[str], name: str = "config") -> None:
+    """Raise ConfigKeyError for an override of a field the config lacks, naming the nearest known
+    field. A new key in a per-modality section (`image_tokenizers`, `vocab_overrides`, alphas, ...)
+    is added when it is a registered modality name, typed like its siblings (or from the value)."""
+    values = {}
+    for a in argv:
+        if a.startswith(f"--{name}.") and "=" in a:
+            k, _, v = a[len(name) + 3:].partition("=")
+            values[k] = v
+    for path in overrides:
+        parts = config_path.split(path)
+        node = cfg
+        for i, part in enumerate(parts):
+            if isinstance(node, ml_collections.ConfigDict) and part in node:
+                node = node[part]
+                continue
+            if not isinstance(node, ml_collections.ConfigDict):
+                break  # a sequence index or a dataclass: ml-collections reports those itself
+            dotted = ".".join(str(p) for p in parts[:i + 1])
+            if i == len(parts) - 1 and isinstance(part, str) and _is_modality_name(part):
+                siblings = list(node.values())
+                value = _literal(values.get(path, ""))
+                node[part] = type(siblings[0])() if siblings and not isinstance(
+                    siblings[0], ml_collections.ConfigDict) else value
+                break
+            known = dotted_keys(cfg)
+            near = (difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+                    or difflib.get_close_matches(dotted, known, n=1, cutoff=0.0))
+            hint = f"; did you mean --{name}.{near[0]}?" if near else ""
+            raise ConfigKeyError(f"--{name}.{'.'.join(map(str, parts))}: unknown config key "
+                                 f"{dotted!r}{hint}")
+
+
+def define_config_flag(default: str, flag_values=None, argv: Sequence[str] | None = None,
+                       help_text: str = "ml-collections config file, path.py[:arg] or a name in "
+                       "configs/ (e.g. pretrain:smoke); override fields with --config.KEY=VALUE"):
+    """Define the `--config` flag (with `--config.key=value` overrides) defaulting to `default`.
+
+    ml-collections' config-file flag, except that a bare name (`--config pretrain:smoke`) is looked
+    up in the repository's configs/ folder, list fields become tuples (its overrides refuse lists),
+    an unknown key is an error naming the nearest known one, and keys may be modality names with
+    `@` (pass `argv` through `override_args`). `argv` is the command line being parsed (default
+    sys.argv); `flag_values` the FlagValues to define it on (default absl's global one).
     """
-    from absl import flags
-    from ml_collections.config_flags import config_flags
-
-    if "config" in flags.FLAGS:
-        # A command that uses another command's module as a library (the quickstart imports the
-        # text-tokenizer corpus): one --config flag per process, the first command's.
-        return flags.FlagHolder(flags.FLAGS, flags.FLAGS["config"])
+    flag_values = flags.FLAGS if flag_values is None else flag_values
 
     class _Parser(config_flags.ConfigFileFlagParser):
         def parse(self, value):
             path, arg = resolve_config_path(value)
             return lists_to_tuples(super().parse(f"{path}:{arg}" if arg is not None else str(path)))
 
+    class _Flag(config_flags._ConfigFlag):  # noqa: SLF001  (the documented flag class)
+        def _initialize_missing_parent_fields(self, config, overrides):
+            check_override_keys(config, overrides, self._GetArgv(), self.name)
+            super()._initialize_missing_parent_fields(config, overrides)
+
     path, arg = resolve_config_path(default)
     spec = f"{path}:{arg}" if arg else str(path)
-    flag = config_flags._ConfigFlag(  # noqa: SLF001  (the documented flag class, own parser)
-        parser=_Parser(name="config", lock_config=False), serializer=flags.ArgumentSerializer(),
-        name="config", default=spec, help_string=help_text, flag_values=flags.FLAGS,
-        accept_new_attributes=False, sys_argv=None)
-    return flags.DEFINE_flag(flag, flags.FLAGS)
+    flag = _Flag(parser=_Parser(name="config", lock_config=False),
+                 serializer=flags.ArgumentSerializer(), name="config", default=spec,
+                 help_string=help_text, flag_values=flag_values, accept_new_attributes=False,
+                 sys_argv=None if argv is None else list(argv))
+    return flags.DEFINE_flag(flag, flag_values)
 
 
 def lists_to_tuples(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

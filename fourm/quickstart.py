@@ -105,8 +105,8 @@ def stage_tokenizers(cfg, out: Path) -> dict:
 
 
 def _train_text_tokenizer(cfg, out: Path) -> dict:
-    from fourm.cli.train_text_tokenizer import corpus
     from fourm.config import REPO_ROOT, load_config
+    from fourm.tokenizers.corpus import corpus
     from fourm.tokenizers.text import TextTokenizer
 
     tc = load_config(str(REPO_ROOT / "tokenizers" / "text.py"))
@@ -122,15 +122,15 @@ def _train_text_tokenizer(cfg, out: Path) -> dict:
 
 
 def stage_pretokenize(cfg, out: Path) -> dict:
-    from fourm.cli.pretokenize import load_image_tokenizer
     from fourm.config import load_config
+    from fourm.tokenizers import load as load_image_tokenizer
     from fourm.tokenizers.pretokenize import pretokenize
     from fourm.tokenizers.sources import make_source
     from fourm.tokenizers.text import TextTokenizer
 
     tok_root = stage_dir(cfg, "tokenizers")
     image_paths = {mod: str(tok_root / recipe) for recipe, mod in IMAGE_TOKENIZERS.values()}
-    image_toks = {m: load_image_tokenizer(p) for m, p in image_paths.items()}
+    image_toks = {m: load_image_tokenizer(p, modality=m) for m, p in image_paths.items()}
     text_tok = TextTokenizer.load(tok_root / "text")
     figures = {}
     for split, start, count in (("train", 0, cfg.train_scenes),
@@ -180,12 +180,13 @@ def load_generator(cfg, loop: str = "scan"):
     quickstart and the notebooks generate a handful of batches, so compile time dominates)."""
     from fourm.generate.chain import Generator
     from fourm.model.pretrained import load_pretrained
-    from fourm.cli.pretokenize import load_image_tokenizer
+    from fourm.tokenizers import load as load_image_tokenizer
     from fourm.tokenizers.text import TextTokenizer
 
     model = load_pretrained(stage_dir(cfg, "pretrain") / "export")
     tok_root = stage_dir(cfg, "tokenizers")
-    toks = {mod: load_image_tokenizer(str(tok_root / recipe)) for recipe, mod in IMAGE_TOKENIZERS.values()}
+    toks = {mod: load_image_tokenizer(tok_root / recipe, modality=mod)
+            for recipe, mod in IMAGE_TOKENIZERS.values()}
     toks["caption"] = TextTokenizer.load(tok_root / "text")
     return Generator(model, toks, loop=loop)
 
@@ -196,17 +197,23 @@ def stage_generate(cfg, out: Path) -> dict:
 
     from fourm.data import scenes, visualize
     from fourm.generate import evaluate as gen_eval
-    from fourm.generate.chain import Target
+    from fourm.generate.defaults import grid_target, text_target
+    from fourm.runtime import CompileTimer
 
     gen = load_generator(cfg)
     held = list(scenes.generate_scenes(cfg.seed, cfg.heldout_start, cfg.num_generate,
                                        resolution=cfg.resolution, workers=1, progress=False))
     rgb = np.stack([s["rgb"] for s in held])
-    grid_t = dict(steps=int(cfg.maskgit_steps), temperature=0.0)
-    targets = [Target("tok_depth@64", **grid_t), Target("tok_normal@64", **grid_t),
-               Target("tok_semseg@64", **grid_t),
-               Target("caption", temperature=0.0, max_new_tokens=int(cfg.caption_tokens))]
-    res = gen.generate({"rgb@64": rgb}, targets, seed=cfg.seed)
+    steps = int(cfg.maskgit_steps)  # fourm's default sampling (greedy), as fourm-generate's
+    targets = [grid_target("tok_depth@64", steps=steps), grid_target("tok_normal@64", steps=steps),
+               grid_target("tok_semseg@64", steps=steps),
+               text_target("caption", max_new_tokens=int(cfg.caption_tokens))]
+    t0 = time.perf_counter()
+    with CompileTimer() as compiled:
+        res = gen.generate({"rgb@64": rgb}, targets, seed=cfg.seed)
+    wall = time.perf_counter() - t0
+    print(f"[quickstart] RGB -> depth, normals, semseg, caption: {wall:.1f} s "
+          f"(compile {compiled.seconds:.1f} s, run {wall - compiled.seconds:.1f} s)")
     rows = []
     for i, s in enumerate(held):
         rows.append([s["rgb"],
@@ -223,19 +230,20 @@ def stage_generate(cfg, out: Path) -> dict:
                                              "normals gen", "semseg", "semseg gen"]))
     # caption -> RGB (the other direction), through the RGB tokenizer's decoder.
     cap = gen.generate({"caption": [s["caption"] for s in held]},
-                       [Target("tok_rgb@64", **grid_t)], seed=cfg.seed)
+                       [grid_target("tok_rgb@64", steps=steps)], seed=cfg.seed)
     visualize.save_png(out / "caption_to_rgb.png", visualize.make_grid(
         [[s["rgb"], cap.decoded["tok_rgb@64"][i]] for i, s in enumerate(held)],
         captions=[s["caption"] for s in held], col_titles=["true rgb", "generated from caption"]))
     figures = gen_eval.evaluate_scenes(
         gen, seed=cfg.seed, start=cfg.heldout_start, num=int(cfg.heldout_scenes),
         resolution=cfg.resolution, batch_size=8, train_scenes=min(256, int(cfg.train_scenes)),
-        grid_target=Target("?", **grid_t),
-        caption_target=Target("caption", temperature=0.0, max_new_tokens=int(cfg.caption_tokens)),
+        grid_target=grid_target("?", steps=steps),
+        caption_target=text_target("caption", max_new_tokens=int(cfg.caption_tokens)),
         progress=False)
     print(gen_eval.format_figures(figures))
     return {"figures": figures, "captions": captions,
-            "seconds": {k: float(v) for k, v in res.seconds.items()}}
+            "seconds": {k: float(v) for k, v in res.seconds.items()},
+            "compile_seconds": round(compiled.seconds, 2), "generate_seconds": round(wall, 2)}
 
 
 def stage_report(cfg, out: Path) -> dict:

@@ -42,7 +42,7 @@ def test_cli_pieces_write_pictures_text_and_grid(files):
     spec = model.spec
     assert cli.resolve_name(spec, "rgb", "condition") == "rgb@64"
     assert cli.resolve_name(spec, "depth", "target") == "tok_depth@64"
-    with pytest.raises(GenerationInputError, match="unknown target modality 'normals'"):
+    with pytest.raises(GenerationInputError, match="no target modality 'normals'"):
         cli.resolve_name(spec, "normals", "target")
     cond = {"rgb@64": cli.read_condition(spec.modality("rgb@64"), str(files / "photo.png"), 64),
             "caption": cli.read_condition(spec.modality("caption"), "a red cube [S_1]", 64)}
@@ -70,7 +70,7 @@ def test_cli_pieces_write_pictures_text_and_grid(files):
 def test_cli_help_and_missing_checkpoint():
     r = subprocess.run([sys.executable, "-m", "fourm.cli.generate", "--help"], capture_output=True,
                        text=True, timeout=120)
-    assert r.returncode in (0, 1) and "--targets" in r.stdout and "--checkpoint" in r.stdout  # absl: 1
+    assert r.returncode == 0 and "--targets" in r.stdout and "--checkpoint" in r.stdout
     r = subprocess.run([sys.executable, "-m", "fourm.cli.generate", "--targets", "depth"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--checkpoint is required" in r.stderr

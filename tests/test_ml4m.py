@@ -112,9 +112,9 @@ def test_generation_replay_through_decoder_api(model):
 
 
 def test_convert_then_load_pretrained_is_identical(model, tmp_path, capsys):
-    from fourm.cli.ml4m import run
+    from fourm.cli.ml4m import main
 
-    assert run(["convert", str(FIXTURE), str(tmp_path / "out")]) == 0
+    assert main(["fourm-ml4m", "convert", str(FIXTURE), str(tmp_path / "out")]) == 0
     again = load_pretrained(tmp_path / "out")
     assert again.spec == model.spec
     a, b = flat_params(model), flat_params(again)
@@ -188,14 +188,14 @@ def test_truncated_safetensors_is_named(tmp_path):
 
 
 def test_cli_check_reports_errors_with_status_2(tmp_path, capsys):
-    from fourm.cli.ml4m import run
+    from fourm.cli.ml4m import main
 
     d = _fixture_copy(tmp_path, cfg_edit=lambda c: c.pop("num_heads"))
     for name in ("batch.npz", "expected.npz"):
         shutil.copy(FIXTURE / name, d / name)
-    assert run(["check", str(d)]) == 2
+    assert main(["fourm-ml4m", "check", str(d)]) == 2
     assert "num_heads" in capsys.readouterr().err
-    assert run(["frobnicate"]) == 2
+    assert main(["fourm-ml4m", "frobnicate"]) == 2
 
 
 def test_fixture_batch_errors_are_named(model):

@@ -85,7 +85,7 @@ def exported(run):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "exported tok_depth@64 step 2" in proc.stdout
     proc = _cli("fourm.cli.export_tokenizer", cfg.workdir, str(out))  # no silent overwrite
-    assert proc.returncode == 1 and "exists; pass --overwrite" in proc.stderr
+    assert proc.returncode == 2 and "exists; pass --overwrite" in proc.stderr
     return out
 
 

@@ -8,7 +8,8 @@ depth MaskGIT -> caption), tokenizer (VQ encode/decode, text), ml4m_tokenizer (4
 encode, ported to JAX), scenes (generator), pretokenize
 (scenes -> tokens -> ArrayRecord shards), masking (4M masking transform), pipeline (shards ->
 grain -> masked batches, as the trainer reads them), trainer (fourm.bench.train: the real trainer's
-step, input and checkpoint on scene shards). Each group is a function `config -> list of
+step, input and checkpoint on scene shards), divae (4M's DiVAE decode, fourm.bench.divae; not in
+the default list: 1000 DDPM steps at 224 px take long on a CPU). Each group is a function `config -> list of
 Result` (fourm.bench.common). Scenes, masking, tokenizers and shards call the per-area benchmark
 functions (fourm.bench.scenes.cpu_rate / measure, fourm.masking.__main__.benchmark,
 fourm.bench.tokenizer, fourm.bench.shards); model, train step, generation and the input pipeline are
@@ -247,6 +248,15 @@ def bench_tokenizer(c) -> list[Result]:
                          t.captions, tiny=t.tiny)
 
 
+def bench_divae(c) -> list[Result]:
+    """4M's DiVAE diffusion decoder (fourm.compat.ml4m_tokenizers): one image, DDIM vs DDPM steps."""
+    from fourm.bench import divae
+
+    d = c.divae
+    return [_finish(r) for r in divae.bench_divae_decode(d.arch, d.image_size, divae.parse_runs(list(d.runs)),
+                                                         d.batch, c.iters, encoder_patch=d.encoder_patch)]
+
+
 def bench_ml4m_tokenizer(c) -> list[Result]:
     """4M's tokenizers ported to JAX (fourm.compat.ml4m_tokenizers): ViT VQ-VAE encode."""
     from fourm.bench.ml4m_tokenizer import bench_vqvae_encode
@@ -407,7 +417,7 @@ GROUPS: dict[str, Callable] = {
     "model": bench_model, "train": bench_train, "generate": bench_generate, "tokenizer": bench_tokenizer,
     "ml4m_tokenizer": bench_ml4m_tokenizer,
     "scenes": bench_scenes, "pretokenize": bench_pretokenize, "masking": bench_masking,
-    "pipeline": bench_pipeline, "trainer": bench_trainer,
+    "pipeline": bench_pipeline, "trainer": bench_trainer, "divae": bench_divae,
 }
 
 

@@ -14,42 +14,48 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 from absl import app, flags
 
+from fourm.cli import run_command
 from fourm.config import define_config_flag
 from fourm.io import atomic_write_json
 
-_CONFIG = define_config_flag("pretrain:base")
-_TOPOLOGY = flags.DEFINE_list("topology", ["v5p-128"], "TPU slice(s), comma separated")
-_JSON = flags.DEFINE_string("json", None, "also write the figures to this JSON file")
+
+def define_flags(fv, argv):
+    define_config_flag("pretrain:base", fv, argv)
+    flags.DEFINE_list("topology", ["v5p-128"], "TPU slice(s), comma separated", flag_values=fv)
+    flags.DEFINE_string("json", None, "also write the figures to this JSON file", flag_values=fv)
 
 
-def _main(argv):
+def run(argv, F) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from fourm.train import aot
 
     reports, fits_all = [], True
-    for name in _TOPOLOGY.value:
+    for name in F.topology:
         topo = aot.parse_topology(name)
-        report = aot.compile_train_step(_CONFIG.value, name)
+        report = aot.compile_train_step(F.config, name)
         fits_all &= report.fits(topo.hbm_bytes)
         print(aot.format_report(report, topo.hbm_bytes), flush=True)
         reports.append(dict(dataclasses.asdict(report), peak_bytes=report.peak_bytes,
                             hbm_bytes=topo.hbm_bytes, fits=report.fits(topo.hbm_bytes)))
-    if _JSON.value:
-        atomic_write_json(_JSON.value, reports, sort_keys=False)
-    if not fits_all:
-        raise SystemExit(1)
+    if F.json:
+        atomic_write_json(F.json, reports, sort_keys=False)
+    return 0 if fits_all else 1
 
 
-def main():
+def main(argv=None):
     # The TPU compiler runs on this CPU machine: keep JAX's default backend on CPU, and let libtpu
     # load even if another process holds its lock (we compile only, never touch a chip).
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    app.run(_main)
+    rc = run_command(sys.modules[__name__], argv)
+    if argv is None:
+        sys.exit(rc)
+    return rc
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
 Prints, per figure: name | time | CPU time | throughput | peak mem | FLOPs | FLOP/s | [MFU |] vs
 reference (the PyTorch ml-4m timings on the 2-core CPU machine, where the shapes match). Groups:
 model, train (train step at the model's shapes), generate, tokenizer, scenes, pretokenize, masking,
-pipeline, trainer (the real trainer via fourm.bench.train); see fourm.bench.suite. Settings are
+pipeline, trainer (the real trainer via fourm.bench.train), divae (4M's DiVAE decode: DDIM vs DDPM;
+only on request, `--only divae`); see fourm.bench.suite. Settings are
 fields of configs/bench.py (`--config configs/bench.py:quick`, `--config.model.sizes=tiny`); the
 plain flags are aliases of those fields and win over them. Exit status 1 when a group failed.
 """
@@ -17,49 +18,59 @@ plain flags are aliases of those fields and win over them. Exit status 1 when a 
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
 
+from fourm.cli import entry, positive
 from fourm.config import define_config_flag
 
-_CONFIG = define_config_flag("bench")
-flags.DEFINE_list("only", None, "benchmark groups to run (model, train, generate, tokenizer, ml4m_tokenizer, scenes, "
-                  "pretokenize, masking, pipeline, trainer); alias of config.only")
-flags.DEFINE_list("skip", [], "benchmark groups to leave out")
-flags.DEFINE_boolean("quick", False, "small shapes for a CI smoke run (= --config configs/bench.py:quick)")
-flags.DEFINE_enum("device", None, ["cpu", "gpu"], "cpu (fp32) or gpu (bf16, MFU); alias of config.device")
-flags.DEFINE_float("peak_tflops", None, "accelerator peak TFLOP/s for MFU (default 989 = H100/H200 dense "
-                   "bf16); alias of config.peak_tflops")
-flags.DEFINE_integer("iters", None, "timed calls per figure (median); alias of config.iters")
-flags.DEFINE_boolean("isolate", None, "each group in a fresh process (own peak memory); alias of "
-                     "config.isolate")
-flags.DEFINE_string("json", None, "write the results (and machine, commit, config) to this JSON file")
-flags.DEFINE_string("compare", None, "a JSON file an earlier run wrote: print time ratios against it")
-FLAGS = flags.FLAGS
+
+# Figures include compile times: no persistent compilation cache unless --compilation_cache=DIR.
+COMPILATION_CACHE_DEFAULT = "off"
 
 
-def _config_overrides(args) -> list[str]:
-    """The `--config.key=value` / `--config.key value` arguments, as `key=value`."""
-    out = []
-    for i, a in enumerate(args):
-        if a.startswith("--config."):
-            out.append(a if "=" in a else f"{a}={args[i + 1] if i + 1 < len(args) else ''}")
-    return out
+def define_flags(fv, argv):
+    define_config_flag("bench", fv, argv)
+    d = dict(flag_values=fv)
+    flags.DEFINE_list("only", None, "benchmark groups to run (model, train, generate, tokenizer, "
+                      "ml4m_tokenizer, scenes, pretokenize, masking, pipeline, trainer, divae); alias of "
+                      "config.only", **d)
+    flags.DEFINE_list("skip", [], "benchmark groups to leave out", **d)
+    flags.DEFINE_boolean("quick", False, "small shapes for a CI smoke run (= --config "
+                         "configs/bench.py:quick)", **d)
+    flags.DEFINE_enum("device", None, ["cpu", "gpu"], "cpu (fp32) or gpu (bf16, MFU); alias of "
+                      "config.device", **d)
+    flags.DEFINE_float("peak_tflops", None, "accelerator peak TFLOP/s for MFU (default 989 = "
+                       "H100/H200 dense bf16); alias of config.peak_tflops", **d)
+    flags.DEFINE_integer("iters", None, "timed calls per figure (median); alias of config.iters", **d)
+    flags.DEFINE_boolean("isolate", None, "each group in a fresh process (own peak memory); alias of "
+                         "config.isolate", **d)
+    flags.DEFINE_string("json", None, "write the results (and machine, commit, config) to this JSON "
+                        "file", **d)
+    flags.DEFINE_string("compare", None, "a JSON file an earlier run wrote: print time ratios "
+                        "against it", **d)
 
 
-def resolved_config():
+def resolved_config(F):
     """configs/bench.py (quick variant with --quick), then config overrides, then plain flags."""
+    from ml_collections.config_flags import config_path
+
     from fourm.config import load_config
 
-    c = _CONFIG.value
-    if FLAGS.quick and not c.quick:
-        c = load_config("bench:quick", _config_overrides(sys.argv[1:]))
+    c = F.config
+    if F.quick and not c.quick:
+        c = load_config("bench:quick")
+        for path, value in F["config"].override_values.items():
+            config_path.set_value(path, c, value)
     for flag, field in (("only", "only"), ("device", "device"), ("peak_tflops", "peak_tflops"),
                         ("iters", "iters"), ("isolate", "isolate")):
-        if FLAGS[flag].value is not None:
-            c[field] = FLAGS[flag].value
-    c.only = [g for g in c.only if g not in set(FLAGS.skip)]
+        if F[flag].value is not None:
+            c[field] = F[flag].value
+    c.only = [g for g in c.only if g not in set(F.skip)]
+    positive("--iters (config.iters)", int(c.iters))
+    if not float(c.peak_tflops) > 0:
+        raise app.UsageError(f"--peak_tflops (config.peak_tflops): got {c.peak_tflops}, expected a "
+                             "positive number")
     return c
 
 
@@ -69,10 +80,10 @@ def _select_platform(device: str) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu" if device == "cpu" else "cuda"
 
 
-def _main(argv):
+def run(argv, F) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"fourm-bench takes no positional arguments, got {argv[1:]}")
-    c = resolved_config()
+    c = resolved_config(F)
     _select_platform(c.device)
 
     from fourm.bench import common, suite
@@ -81,7 +92,7 @@ def _main(argv):
         groups = suite.check_groups(c.only)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    old = common.read_json(FLAGS.compare) if FLAGS.compare else None  # fail before hours of work
+    old = common.read_json(F.compare) if F.compare else None  # fail before hours of work
     import jax
 
     try:
@@ -112,10 +123,10 @@ def _main(argv):
         differ = _settings_differ(old[0].get("config", {}), c.to_dict())
         if differ:
             print(f"warning: the old run used other settings for {differ}: same names, different work")
-    if FLAGS.json:
+    if F.json:
         meta = dict(env, load_average_after=env_after["load_average"], config=c.to_dict(),
                     dtype=suite.compute_dtype(c), failed=failed, peak_flops=peak)
-        print(f"wrote {common.write_json(FLAGS.json, results, meta)}")
+        print(f"wrote {common.write_json(F.json, results, meta)}")
     return 1 if failed else 0
 
 
@@ -125,20 +136,7 @@ def _settings_differ(old: dict, new: dict) -> list[str]:
             if k not in ("only", "iters", "isolate", "peak_tflops") and old.get(k) != new.get(k)]
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"{e}\nPass --help for usage.", file=sys.stderr)
-        sys.exit(2)
-    except SystemExit as e:  # absl exits with status 1 after printing --help; asking is not an error
-        if any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in argv[1:]):
-            sys.exit(0)
-        raise
-
-
-def main():
-    app.run(lambda argv: sys.exit(_main(argv)), flags_parser=_parse_flags)
+main = entry(__name__)
 
 
 if __name__ == "__main__":

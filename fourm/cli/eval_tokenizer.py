@@ -16,25 +16,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from fourm.cli import entry, positive
 from fourm.config import REPO_ROOT, define_config_flag
 
-_CONFIG = define_config_flag(str(REPO_ROOT / "tokenizers" / "rgb.py"),
-                             "optional: a tokenizer config; it must agree with the checkpoint")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
-_NUM = flags.DEFINE_integer("num", None, "number of held-out images (default: data.eval_num)")
-_EVAL_START = flags.DEFINE_integer("eval_start", None, "first held-out scene index")
-_DATA_SEED = flags.DEFINE_integer("data_seed", None, "scene generator seed")
-_CACHE_DIR = flags.DEFINE_string("cache_dir", None, "scene cache folder (default: data.cache_dir)")
-_OUT = flags.DEFINE_string("out", None, "write the metrics JSON here")
+
+def define_flags(fv, argv):
+    define_config_flag(str(REPO_ROOT / "tokenizers" / "rgb.py"), fv, argv,
+                       "optional: a tokenizer config; it must agree with the checkpoint")
+    flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
+    flags.DEFINE_integer("num", None, "number of held-out images (default: data.eval_num)", flag_values=fv)
+    flags.DEFINE_integer("eval_start", None, "first held-out scene index", flag_values=fv)
+    flags.DEFINE_integer("data_seed", None, "scene generator seed", flag_values=fv)
+    flags.DEFINE_string("cache_dir", None, "scene cache folder (default: data.cache_dir)", flag_values=fv)
+    flags.DEFINE_string("out", None, "write the metrics JSON here", flag_values=fv)
 
 
-def _main(argv):
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
-        logging.set_verbosity(logging.WARNING)
+def run(argv, F) -> int:
     if len(argv) != 2:
         raise app.UsageError("usage: fourm-eval-tokenizer RUN_OR_EXPORT_DIR [flags]")
+    positive("--num", F.num)
+    positive("--step", F.step, allow_zero=True)
+    positive("--eval_start", F.eval_start, allow_zero=True)
     from fourm.tokenizers import data as tok_data
     from fourm.tokenizers.evaluate import evaluate, format_report, write_report
     from fourm.tokenizers.export import load_export
@@ -43,9 +47,11 @@ def _main(argv):
     from fourm.tokenizers.train import load_workdir_config
 
     path = Path(argv[1])
-    given = _CONFIG.value if flags.FLAGS["config"].present else None
+    if not path.is_dir():
+        raise app.UsageError(f"{path}: no such folder (expected a tokenizer training run or export)")
+    given = F.config if F["config"].present else None
     if (path / "checkpoints").is_dir():
-        tok = ImageTokenizer.from_checkpoint(path, step=_STEP.value, config=given)
+        tok = ImageTokenizer.from_checkpoint(path, step=F.step, config=given)
         cfg = load_workdir_config(path)
         default_out = path / f"eval_step{tok.step:06d}.json"
     else:
@@ -59,29 +65,27 @@ def _main(argv):
         default_out = None
     if given is not None:
         cfg.data = given.data
-    if _NUM.value is not None:
-        cfg.data.eval_num = _NUM.value
-    if _EVAL_START.value is not None:
-        cfg.data.eval_start = _EVAL_START.value
-    if _DATA_SEED.value is not None:
-        cfg.data.seed = _DATA_SEED.value
-    if _CACHE_DIR.value is not None:
-        cfg.data.cache_dir = _CACHE_DIR.value
+    if F.num is not None:
+        cfg.data.eval_num = F.num
+    if F.eval_start is not None:
+        cfg.data.eval_start = F.eval_start
+    if F.data_seed is not None:
+        cfg.data.seed = F.data_seed
+    if F.cache_dir is not None:
+        cfg.data.cache_dir = F.cache_dir
     x = tok_data.load_split(cfg, "eval")
     metrics = evaluate(tok, x)
     metrics["data"] = {"source": cfg.data.source, "seed": int(cfg.data.seed),
                        "start": int(cfg.data.eval_start), "num": int(cfg.data.eval_num)}
     print(format_report(metrics))
-    out = _OUT.value or default_out
+    out = F.out or default_out
     if out:
         write_report(metrics, out)
         print(f"wrote {out}")
+    return 0
 
 
-def main():
-    from fourm.cli import run_with_clean_errors
-
-    run_with_clean_errors(_main)
+main = entry(__name__)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ Writes per sample and target a PNG (depth colour-mapped, normals as colours, seg
 its palette, RGB as is, boxes drawn on the RGB) or a .txt (captions, metadata), a side-by-side
 grid of conditions and outputs (grid.png), the tokens (tokens.npz) and generation.json.
 Names may be short (rgb, depth, normals, semseg, caption, det/boxes, metadata) or the model's
-(tok_depth@64). Conditions: images (.png/.jpg), arrays (.npy: token ids or native depth /
-normals / classes), boxes / metadata (.json), text files (.txt) or literal text.
+(tok_depth@64). Conditions: images (.png/.jpg/.bmp/.gif/.tif/.webp), arrays (.npy: token ids
+or native depth / normals / classes), boxes / metadata (.json), text files (.txt) or literal text.
+Sampling defaults to greedy decoding (fourm.generate.defaults, the same as the quickstart's and the
+notebooks'). Prints the time to load, and to generate split into compile and run; compiled programs
+are cached across runs (see `--compilation_cache`).
 
 Official 4M checkpoints (config.json + model.safetensors of EPFL-VILAB/4M-*) run with 4M's
 released tokenizer folders and WordPiece JSON in --tokenizers (which folder serves which modality:
@@ -29,28 +32,38 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 from absl import app, flags
 
+from fourm.cli import CommandError, entry, positive
 from fourm.config import define_config_flag
 
-_CONFIG = define_config_flag("generate")
-flags.DEFINE_string("checkpoint", None, "model: fourm checkpoint (config.json + model.safetensors) "
-                    "or an official 4M checkpoint folder")
-flags.DEFINE_string("tokenizers", None, "folder of tokenizers (one subfolder each: image tokenizer "
-                    "workdirs / exports, and the text tokenizer)")
-flags.DEFINE_multi_string("cond", [], "condition NAME=VALUE (repeatable)")
-flags.DEFINE_list("targets", [], "targets in order, each NAME[:key=value[:key=value...]]")
-flags.DEFINE_string("out", None, "output folder (default: config.out)")
-flags.DEFINE_integer("seed", None, "random seed (default: config.seed)")
-flags.DEFINE_integer("batch", None, "samples per condition set (default: config.batch)")
-flags.DEFINE_string("preset", "auto", "sampler settings every target starts from: config (the "
-                    "config's grid/text defaults) or one of 4M's: rgb2x, x2rgb, maskgit8; auto = "
-                    "config for fourm checkpoints, 4M's rgb2x / x2rgb choice for 4M checkpoints")
-flags.DEFINE_integer("diffusion_steps", 50, "DiVAE tokenizers (4M): diffusion steps per decode")
-FLAGS = flags.FLAGS
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+CONDITION_EXTS = IMAGE_EXTS + (".npy", ".json", ".txt")
+
+
+def define_flags(fv, argv):
+    define_config_flag("generate", fv, argv)
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, "model: fourm checkpoint (config.json + "
+                        "model.safetensors) or an official 4M checkpoint folder", **d)
+    flags.DEFINE_string("tokenizers", None, "folder of tokenizers (one subfolder each: image "
+                        "tokenizer workdirs / exports, and the text tokenizer)", **d)
+    flags.DEFINE_multi_string("cond", [], "condition NAME=VALUE (repeatable); VALUE is a file "
+                              f"({', '.join(CONDITION_EXTS)}) or, for text modalities, literal text", **d)
+    flags.DEFINE_list("targets", [], "targets in order, each NAME[:key=value[:key=value...]]", **d)
+    flags.DEFINE_string("out", None, "output folder (default: config.out)", **d)
+    flags.DEFINE_integer("seed", None, "random seed (default: config.seed)", **d)
+    flags.DEFINE_integer("batch", None, "samples per condition set (default: config.batch)", **d)
+    flags.DEFINE_string("preset", "auto", "sampler settings every target starts from: config (the "
+                        "config's grid/text defaults) or one of 4M's: rgb2x, x2rgb, maskgit8; auto = "
+                        "config for fourm checkpoints, 4M's rgb2x / x2rgb choice for 4M checkpoints", **d)
+    flags.DEFINE_integer("diffusion_steps", 50, "4M DiVAE tokenizers: diffusion steps per decode", **d)
+
 
 SHORT = {"rgb": "rgb", "image": "rgb", "depth": "depth", "normals": "normals", "normal": "normals",
          "semseg": "semseg", "segmentation": "semseg", "caption": "caption", "text": "caption",
@@ -73,10 +86,13 @@ def load_model(path: str):
     from fourm.model.pretrained import CONFIG_FILE, read_config, load_pretrained
 
     p = Path(path)
+    if not p.is_dir():
+        raise CommandError(f"--checkpoint {p}: no such folder (expected a fourm or 4M checkpoint folder)")
     if not (p / CONFIG_FILE).is_file():
         raise app.UsageError(f"--checkpoint {p}: no {CONFIG_FILE} there (expected a fourm or 4M "
                              "checkpoint folder)")
-    if not is_ml4m(path):
+    doc = json.loads((p / CONFIG_FILE).read_text())
+    if "format" in doc:
         read_config(p)
         return load_pretrained(p)
     from fourm.compat import ml4m
@@ -93,7 +109,7 @@ def load_tokenizers(path: str | None) -> dict[str, Any]:
     root = Path(path)
     if not root.is_dir():
         raise app.UsageError(f"--tokenizers {root}: no such folder")
-    out = {}
+    out, where = {}, {}
     for d in sorted([root] + [c for c in root.iterdir() if c.is_dir()]):
         if (d / MODEL_FILE).is_file():
             out["text"] = TextTokenizer.load(d)
@@ -103,7 +119,13 @@ def load_tokenizers(path: str | None) -> dict[str, Any]:
             except (FileNotFoundError, ValueError, KeyError) as e:
                 print(f"[fourm-generate] skipping {d}: {e}")
                 continue
-            out[tok.name] = tok
+            if "@" in d.name and d.name != tok.name:  # a folder named for another modality
+                raise CommandError(f"--tokenizers: {d} holds the tokenizer of {tok.name!r}, not of "
+                                   f"{d.name!r}")
+            if tok.name in out:
+                raise CommandError(f"--tokenizers: {where[tok.name]} and {d} are both tokenizers of "
+                                   f"{tok.name!r}; keep one")
+            out[tok.name], where[tok.name] = tok, d
     if not out:
         raise app.UsageError(f"--tokenizers {root}: found no tokenizer folders inside")
     return out
@@ -111,15 +133,8 @@ def load_tokenizers(path: str | None) -> dict[str, Any]:
 
 def load_image_tokenizer(path: Path):
     """An image tokenizer from a training workdir (checkpoints/) or an exported folder."""
-    if (path / "checkpoints").is_dir():
-        from fourm.tokenizers.image import ImageTokenizer
-
-        return ImageTokenizer.from_checkpoint(path)
     import fourm.tokenizers as tokenizers_pkg
 
-    if not hasattr(tokenizers_pkg, "load"):
-        raise FileNotFoundError(f"{path} has no checkpoints/ folder and this install has no "
-                                "exported-tokenizer loader")
     return tokenizers_pkg.load(path)
 
 
@@ -130,7 +145,8 @@ def resolve_name(spec, name: str, role: str) -> str:
 
     if name in spec.names:
         return name
-    keys = {name.lower(), SHORT.get(name.lower())} - {None}
+    source = SHORT.get(name.lower())
+    keys = {name.lower(), source} - {None}
     keys |= {"normal" for k in keys if k == "normals"} | {"det" for k in keys if k == "boxes"}
     cands = [m for m in spec.modalities if m.source in keys]
     if role == "target":
@@ -138,54 +154,105 @@ def resolve_name(spec, name: str, role: str) -> str:
     else:
         cands = sorted([m for m in cands if m.name in spec.domains_in], key=lambda m: m.kind != "pixels")
     if not cands:
-        raise GenerationInputError(f"unknown {role} modality {name!r}; this model has "
-                                   f"{list(spec.names)} (short names: {sorted(SHORT)})")
+        usable = spec.domains_out if role == "target" else spec.domains_in
+        mine = sorted(k for k, v in SHORT.items() if any(
+            m.source == v and m.name in usable for m in spec.modalities))
+        what = (f"this model has no {role} modality {name!r}" if source else
+                f"unknown {role} modality {name!r}")
+        raise GenerationInputError(f"--{'targets' if role == 'target' else 'cond'}: {what}; its "
+                                   f"{role}s are {list(usable)} (short names: {mine})")
     return cands[0].name
 
 
 # ------------------------------------------------------------------------------------------
 # Conditions and targets from flags
 # ------------------------------------------------------------------------------------------
+def condition_path(value: str) -> Path | None:
+    """The file a --cond VALUE names, or None for literal text: an existing file, or something
+    that looks like a path (a known file extension, or a / in a value without spaces)."""
+    p = Path(value).expanduser()
+    if p.is_file():
+        return p
+    looks_like_path = p.suffix.lower() in CONDITION_EXTS + (".npz",) or (
+        "/" in value and " " not in value.strip())
+    return p if looks_like_path else None
+
+
 def read_condition(mod, value: str, res: int, ml4m: bool = False):
     """A condition value: a file (image, .npy, .json, .txt) or literal text for sequences.
     ml4m: RGB images are prepared as 4M does (center crop, bicubic resize to res)."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from fourm.tokenizers import structure
 
-    p = Path(value)
-    if p.is_file():
-        ext = p.suffix.lower()
-        if ext in (".png", ".jpg", ".jpeg") and ml4m and (mod.kind == "pixels" or mod.source == "rgb"):
-            from fourm.compat import ml4m_assets
+    flag = f"--cond {mod.name}={value}"
+    p = condition_path(value)
+    if p is None:
+        if mod.kind == "sequence":
+            return value
+        raise CommandError(f"{flag}: expected a file ({', '.join(CONDITION_EXTS)}); {mod.name} is not "
+                           "a text modality")
+    if not p.is_file():
+        raise CommandError(f"{flag}: no such file")
+    ext = p.suffix.lower()
+    if ext in IMAGE_EXTS and ml4m and (mod.kind == "pixels" or mod.source == "rgb"):
+        from fourm.compat import ml4m_assets
 
-            return ml4m_assets.read_image(p, res)
-        if ext in (".png", ".jpg", ".jpeg"):
+        return ml4m_assets.read_image(p, res)
+    if ext in IMAGE_EXTS:
+        try:
             img = Image.open(p)
-            if mod.kind == "pixels" or mod.source == "rgb":
-                return np.asarray(img.convert("RGB"))
-            if mod.source == "normals":
-                from fourm.data.folder import decode_normals
-                return decode_normals(np.asarray(img.convert("RGB")))
-            if mod.source == "depth" and img.mode in ("I", "I;16"):
-                from fourm.data.folder import DEFAULT_DEPTH_SCALE, decode_depth_png16
-                return decode_depth_png16(np.asarray(img), DEFAULT_DEPTH_SCALE)
-            return np.asarray(img)
-        if ext == ".npy":
-            return np.load(p, allow_pickle=False)
-        if ext == ".json":
+            img.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise CommandError(f"{flag}: not a readable image ({e})") from None
+        if mod.kind == "pixels" or mod.source == "rgb":
+            return np.asarray(img.convert("RGB"))
+        if mod.source == "normals":
+            from fourm.data.folder import decode_normals
+            return decode_normals(np.asarray(img.convert("RGB")))
+        if mod.source == "depth" and img.mode in ("I", "I;16"):
+            from fourm.data.folder import DEFAULT_DEPTH_SCALE, decode_depth_png16
+            return decode_depth_png16(np.asarray(img), DEFAULT_DEPTH_SCALE)
+        return np.asarray(img)
+    if ext == ".npy":
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except ValueError as e:
+            raise CommandError(f"{flag}: not a plain .npy array ({e})") from None
+        check_finite(arr, flag, mod)
+        return arr
+    if ext == ".json":
+        try:
             obj = json.loads(p.read_text())
-            if mod.source == "boxes":
-                return structure.boxes_to_text(obj, (res, res))
-            if mod.source == "metadata":
-                return structure.metadata_to_text(obj)
-            raise ValueError(f"--cond {mod.name}={value}: JSON is only for boxes / metadata")
-        if ext == ".txt":
-            return p.read_text(encoding="utf-8").strip()
-    if mod.kind == "sequence":
-        return value
-    raise FileNotFoundError(f"--cond {mod.name}={value}: no such file")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CommandError(f"{flag}: not valid JSON ({e})") from None
+        if mod.source == "boxes":
+            return structure.boxes_to_text(obj, (res, res))
+        if mod.source == "metadata":
+            return structure.metadata_to_text(obj)
+        raise CommandError(f"{flag}: JSON is only for boxes / metadata")
+    if ext == ".txt":
+        if mod.kind != "sequence":
+            raise CommandError(f"{flag}: a .txt file is text; {mod.name} expects an image or .npy")
+        return p.read_text(encoding="utf-8").strip()
+    raise CommandError(f"{flag}: unsupported file type {ext or '(none)'}; expected one of "
+                       f"{', '.join(CONDITION_EXTS)}")
+
+
+def check_finite(arr, flag: str, mod) -> None:
+    """Pixels must be finite; a native depth/normals array may have invalid pixels (masked by the
+    tokenizer), but not only invalid ones."""
+    import numpy as np
+
+    if not np.issubdtype(arr.dtype, np.floating):
+        return
+    finite = np.isfinite(arr)
+    if mod.kind == "pixels" and not finite.all():
+        raise CommandError(f"{flag}: {int((~finite).sum())} NaN/Inf values; expected a finite image")
+    if not finite.any():
+        raise CommandError(f"{flag}: every value is NaN/Inf; expected a {mod.source} array with "
+                           "valid values")
 
 
 def parse_target(spec, item: str, cfg, preset: str = "config"):
@@ -204,9 +271,25 @@ def parse_target(spec, item: str, cfg, preset: str = "config"):
     for o in opts:
         k, sep, v = o.partition("=")
         if not sep or k not in base:
-            raise app.UsageError(f"--targets {item!r}: option {o!r} is not key=value with key in "
-                                 f"{sorted(base)}")
-        base[k] = type(base[k])(v) if not isinstance(base[k], bool) else v.lower() in ("1", "true")
+            raise CommandError(f"--targets {item!r}: option {o!r} is not key=value with key in "
+                               f"{sorted(base)}")
+        kind = type(base[k])
+        try:
+            base[k] = kind(v) if kind is not bool else {"1": True, "true": True, "0": False,
+                                                         "false": False}[v.lower()]
+        except (ValueError, KeyError):
+            raise CommandError(f"--targets {item!r}: {k}={v!r} is not a valid {kind.__name__}") from None
+        if kind in (int, float) and not math.isfinite(base[k]):
+            raise CommandError(f"--targets {item!r}: {k}={v!r}, expected a finite number")
+    for k in ("steps", "max_new_tokens", "top_k"):
+        if k in base and base[k] < (1 if k == "steps" else 0):
+            raise CommandError(f"--targets {item!r}: {k}={base[k]}, expected "
+                               f"{'a positive' if k == 'steps' else 'a non-negative'} number")
+    for k in ("temperature", "guidance_scale"):
+        if k in base and base[k] < 0:
+            raise CommandError(f"--targets {item!r}: {k}={base[k]}, expected >= 0")
+    if "top_p" in base and not 0 < float(base["top_p"]) <= 1:
+        raise CommandError(f"--targets {item!r}: top_p={base['top_p']}, expected a value in (0, 1]")
     fields = {f.name for f in dataclasses.fields(Target)}
     kw = {k: v for k, v in base.items() if k in fields}
     kw["top_p"] = None if float(base["top_p"]) == 1.0 else float(base["top_p"])
@@ -270,55 +353,72 @@ def condition_picture(mod, value, b: int, res: int):
     return picture(mod, arr, None, res=res), None
 
 
-def _main(argv):
+def run(argv, F) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from fourm.generate.chain import Generator
+    from fourm.runtime import CompileTimer
 
-    cfg = _CONFIG.value
-    if not FLAGS.checkpoint:
+    cfg = F.config
+    # Everything that needs no model first: a typo costs no model load.
+    if not F.checkpoint:
         raise app.UsageError("--checkpoint is required")
-    if not FLAGS.targets:
+    if not F.targets:
         raise app.UsageError("--targets is required (e.g. --targets depth,caption)")
-    ml4m = is_ml4m(FLAGS.checkpoint)
-    model = load_model(FLAGS.checkpoint)
+    batch = positive("--batch", F.batch if F.batch is not None else int(cfg.batch))
+    cond_items = []
+    for item in F.cond:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CommandError(f"--cond {item!r}: expected NAME=VALUE")
+        p = condition_path(value)
+        if p is not None and not p.is_file():
+            raise CommandError(f"--cond {item}: no such file")
+        cond_items.append((key.strip(), value))
+    if F.preset not in ("auto", "config", "rgb2x", "x2rgb", "maskgit8"):
+        raise CommandError(f"--preset {F.preset!r}: expected auto, config, rgb2x, x2rgb or maskgit8")
+    positive("--diffusion_steps", F.diffusion_steps)
+    ml4m = is_ml4m(F.checkpoint)
+    if ml4m and not F.tokenizers:
+        raise CommandError("--tokenizers is required with a 4M checkpoint (the folder of "
+                           "4M_tokenizers_* folders and text_tokenizer_4m_wordpiece_30k.json)")
+    t0 = time.perf_counter()
+    model = load_model(F.checkpoint)
     spec = model.spec
     res = next((m.grid[0] * m.patch_size for m in spec.modalities if m.kind == "pixels"), 64)
-    if ml4m:
+    if ml4m:  # 4M's image tokenizers use 16-px patches: the grid of tok_rgb gives the image size
         res = next((m.grid[0] * 16 for m in spec.modalities if m.name.startswith("tok_rgb@")), res)
-    cond_values = {}
-    for item in FLAGS.cond:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise app.UsageError(f"--cond {item!r}: expected NAME=VALUE")
-        cond_values[resolve_name(spec, key.strip(), "condition")] = value
-    preset = FLAGS.preset
+    names = {resolve_name(spec, key, "condition"): value for key, value in cond_items}
+    preset = F.preset
     if preset == "auto":
         from fourm.compat import ml4m_assets
 
-        preset = ml4m_assets.auto_preset(list(cond_values)) if ml4m else "config"
-    targets = [parse_target(spec, t, cfg, preset) for t in FLAGS.targets]
-    seed = cfg.seed if FLAGS.seed is None else FLAGS.seed
-    conditions = {n: read_condition(spec.modality(n), v, res, ml4m) for n, v in cond_values.items()}
-    if ml4m:  # only the tokenizers this run needs (released ones are large)
+        preset = ml4m_assets.auto_preset(list(names)) if ml4m else "config"
+    targets = [parse_target(spec, t, cfg, preset) for t in F.targets]
+    seed = cfg.seed if F.seed is None else F.seed
+    conditions = {n: read_condition(spec.modality(n), v, res, ml4m) for n, v in names.items()}
+    if ml4m:  # only the tokenizers this run needs (the released ones are large)
         from fourm.compat import ml4m_assets
 
-        if not FLAGS.tokenizers:
-            raise app.UsageError("--tokenizers is required with a 4M checkpoint (the folder of "
-                                 "4M_tokenizers_* folders and text_tokenizer_4m_wordpiece_30k.json)")
         needed = [t.name for t in targets] + [n for n, v in conditions.items() if _needs_tokenizer(spec, n, v)]
-        toks = ml4m_assets.load_tokenizers(FLAGS.tokenizers, spec, needed, seed=seed,
-                                           diffusion_steps=FLAGS.diffusion_steps)
+        toks = ml4m_assets.load_tokenizers(F.tokenizers, spec, needed, seed=seed,
+                                           diffusion_steps=F.diffusion_steps)
     else:
-        toks = load_tokenizers(FLAGS.tokenizers)
+        toks = load_tokenizers(F.tokenizers)
     gen = Generator(model, toks, resize=cfg.resize, loop=cfg.loop, kv_cache=cfg.kv_cache)
-    batch = FLAGS.batch or cfg.batch
-    out = gen.generate(conditions, targets, seed=seed, batch_size=batch)
-    write_outputs(Path(FLAGS.out or cfg.out), gen, conditions, targets, out, res, ml4m=ml4m)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with CompileTimer() as compiled:
+        out = gen.generate(conditions, targets, seed=seed, batch_size=batch)
+    gen_s = time.perf_counter() - t0
+    write_outputs(Path(F.out or cfg.out), gen, conditions, targets, out, res, ml4m=ml4m)
     for n in out.notices:
         print(f"notice: {n}")
     for k, s in out.seconds.items():
         print(f"{k}: {s:.2f} s")
+    print(f"time: load {load_s:.1f} s, generate {gen_s:.1f} s (compile {compiled.seconds:.1f} s, "
+          f"run {gen_s - compiled.seconds:.1f} s)")
+    return 0
 
 
 def _needs_tokenizer(spec, name: str, value) -> bool:
@@ -396,58 +496,39 @@ def write_outputs(root: Path, gen, conditions, targets, out, res: int, ml4m: boo
 # ------------------------------------------------------------------------------------------
 # fourm-generate-eval
 # ------------------------------------------------------------------------------------------
-def _eval_main(argv):
+def eval_run(argv, F) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from fourm.generate.chain import Generator, Target
     from fourm.generate.evaluate import evaluate_scenes, format_figures
 
-    cfg = _CONFIG.value
-    if not FLAGS.checkpoint:
+    cfg = F.config
+    if not F.checkpoint:
         raise app.UsageError("--checkpoint is required")
     e = cfg.eval
-    gen = Generator(load_model(FLAGS.checkpoint), load_tokenizers(FLAGS.tokenizers), loop=e.loop)
+    positive("--config.eval.num", int(e.num))
+    positive("--config.eval.batch_size", int(e.batch_size))
+    gen = Generator(load_model(F.checkpoint), load_tokenizers(F.tokenizers), loop=e.loop)
     grid = parse_target(gen.spec, f"tok_depth@{e.resolution}", cfg) if \
         f"tok_depth@{e.resolution}" in gen.spec.names else Target("?")
     grid = dataclasses.replace(grid, temperature=float(e.grid_temperature))
     cap = Target("caption", temperature=float(e.text_temperature),
                  max_new_tokens=int(cfg.text.max_new_tokens) or None)
-    fig = evaluate_scenes(gen, seed=cfg.seed if FLAGS.seed is None else FLAGS.seed, start=e.start,
+    fig = evaluate_scenes(gen, seed=cfg.seed if F.seed is None else F.seed, start=e.start,
                           num=e.num, resolution=e.resolution, batch_size=e.batch_size,
                           train_scenes=e.train_scenes, grid_target=grid, caption_target=cap,
                           workers=cfg.num_workers)
     print(format_figures(fig))
-    out = Path(FLAGS.out or cfg.out)
+    out = Path(F.out or cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     from fourm.data.folder import atomic_write_bytes
 
     atomic_write_bytes(out / "eval.json", json.dumps(fig, indent=1, default=float).encode())
+    return 0
 
 
-def _run_reporting(fn):
-    """Run fn; input/asset errors end as one line on stderr (exit 1), nothing written."""
-    import sys
-
-    from fourm.generate.inputs import GenerationInputError
-    from fourm.model.pretrained import CheckpointError
-
-    def run(argv):
-        try:
-            fn(argv)
-        except (GenerationInputError, CheckpointError, FileNotFoundError, ValueError) as e:
-            print(f"fourm-generate: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                  file=sys.stderr)
-            sys.exit(1)
-    return run
-
-
-def main():
-    app.run(_run_reporting(_main))
-
-
-def eval_main():
-    app.run(_eval_main)
-
+main = entry(__name__)
+eval_main = entry(__name__, "eval_run", prog="fourm-generate-eval")
 
 if __name__ == "__main__":
     main()

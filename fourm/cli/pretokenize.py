@@ -3,51 +3,41 @@
     fourm-pretokenize                                        # configs/pretokenize.py (scenes)
     fourm-pretokenize --config configs/pretokenize.py:text,smoke   # no image tokenizers needed
     fourm-pretokenize --config.source.kind=folder --config.source.folder=DIR --config.source.count=-1
+    fourm-pretokenize --config.image_tokenizers.tok_depth@64=exports/tok_depth@64
 
 Rerunning the same command resumes: finished shards are kept, the rest are redone. Prints the
-throughput (samples per second) at the end; it is also stored in the manifest.
+throughput (samples per second) at the end; it is also stored in the manifest. Each image
+tokenizer must be the one of its modality (its name is checked), and every tokenizer is loaded
+before any shard is written.
 """
 
 from __future__ import annotations
 
 from absl import app
 
+from fourm.cli import entry, positive
 from fourm.config import define_config_flag
 
-_CONFIG = define_config_flag("pretokenize")
+
+def define_flags(fv, argv):
+    define_config_flag("pretokenize", fv, argv)
 
 
-def load_image_tokenizer(path: str):
-    """An image tokenizer from a training workdir (has checkpoints/) or an exported folder."""
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"image tokenizer {p} does not exist (train it with the tokenizer "
-                                f"recipes, or point --config.image_tokenizers.<modality> at an "
-                                f"exported tokenizer)")
-    if (p / "checkpoints").is_dir():
-        from fourm.tokenizers.image import ImageTokenizer
-
-        return ImageTokenizer.from_checkpoint(p)
-    import fourm.tokenizers as tokenizers_pkg
-
-    if not hasattr(tokenizers_pkg, "load"):
-        raise FileNotFoundError(f"image tokenizer {p} has no checkpoints/ folder (not a training "
-                                f"workdir) and this install has no exported-tokenizer loader")
-    return tokenizers_pkg.load(p)
-
-
-def _main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def run(args, F) -> int:
+    if len(args) > 1:
+        raise app.UsageError(f"unexpected arguments: {args[1:]}")
+    import fourm.tokenizers as toks
     from fourm.tokenizers.pretokenize import pretokenize
     from fourm.tokenizers.sources import make_source
     from fourm.tokenizers.text import TextTokenizer
 
-    cfg = _CONFIG.value
+    cfg = F.config
+    for key in ("shard_size", "batch_size"):
+        positive(f"--config.{key}", int(cfg[key]))
+    positive("--config.workers", int(cfg.workers), allow_zero=True)
     source = make_source(cfg.source)
-    image_toks = {m: load_image_tokenizer(p) for m, p in cfg.image_tokenizers.items()}
+    image_toks = {m: toks.load(p, modality=m, what=f"--config.image_tokenizers.{m}")
+                  for m, p in cfg.image_tokenizers.items()}
     needs_text = any(m in ("caption", "det", "metadata") for m in cfg.modalities)
     text_tok = TextTokenizer.load(cfg.text_tokenizer) if needs_text else None
     manifest = pretokenize(
@@ -67,11 +57,10 @@ def _main(argv):
     print(f"benchmark: {b['samples']} samples in {b['seconds']:.2f} s = "
           f"{b['samples_per_second']:.1f} samples/s (workers={b['workers']}, "
           f"batch={b['batch_size']})")
+    return 0
 
 
-def main():
-    app.run(_main)
-
+main = entry(__name__)
 
 if __name__ == "__main__":
     main()

@@ -6,12 +6,19 @@
 
 Runs scenes -> tokenizers -> pre-tokenize -> pretrain (8 simulated devices) -> generate -> report,
 caching every stage in the workdir (a second run skips finished stages; a killed run resumes).
+Generation decodes with fourm's default sampling (greedy, as fourm-generate; see
+fourm.generate.defaults) and reports its compile time apart from its run time.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+from absl import app
+
+from fourm.cli import run_command
+from fourm.config import define_config_flag
 
 
 def _simulate_devices(n: int) -> None:
@@ -24,33 +31,27 @@ def _simulate_devices(n: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def main():
+def define_flags(fv, argv):
+    define_config_flag("quickstart", fv, argv)
+
+
+def run(args, F) -> int:
+    if len(args) > 1:
+        raise app.UsageError(f"unexpected arguments: {args[1:]}")
+    from fourm import quickstart
     from fourm.hostmem import keep_freed_memory
 
-    keep_freed_memory()  # before JAX starts its thread pools: steps stop re-faulting freed memory
+    keep_freed_memory()  # before JAX's first computation: steps stop re-faulting freed memory
+    quickstart.run(F.config)
+    return 0
+
+
+def main(argv=None):
     _simulate_devices(8)
-    from absl import app
-
-    from fourm.config import define_config_flag
-
-    config = define_config_flag("quickstart")
-
-    def _main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        from absl import flags, logging
-
-        if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
-            logging.set_verbosity(logging.WARNING)
-        from fourm import quickstart
-
-        try:
-            quickstart.run(config.value)
-        except quickstart.WorkdirMismatchError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-
-    app.run(_main)
+    rc = run_command(sys.modules[__name__], argv)
+    if argv is None:
+        sys.exit(rc)
+    return rc
 
 
 if __name__ == "__main__":

@@ -13,39 +13,44 @@ Flags may be spelled with dashes or underscores (--skip-bad = --skip_bad).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from absl import app, flags
 
+from fourm.cli import CommandError, entry, positive
 from fourm.config import define_config_flag
 
-_CONFIG = define_config_flag("scenes")
-flags.DEFINE_integer("num", None, "scenes to generate (show: rows of the grid); alias of config.num / "
-                     "show.num")
-flags.DEFINE_integer("resolution", None, "image side in pixels; alias of config.resolution")
-flags.DEFINE_integer("seed", None, "dataset seed; alias of config.seed")
-flags.DEFINE_integer("start", None, "first scene index; alias of config.start")
-flags.DEFINE_string("out", None, "output folder (show: output PNG); alias of config.out / show.out")
-flags.DEFINE_integer("workers", None, "worker processes; alias of config.num_workers")
-flags.DEFINE_enum("depth_format", None, ["npy", "png16"], "depth files; alias of config.depth_format")
-flags.DEFINE_boolean("overwrite", None, "replace earlier output; alias of config.overwrite")
-flags.DEFINE_boolean("skip_bad", None, "skip (and list) bad samples when reading a folder; alias of "
-                     "config.skip_bad")
-flags.DEFINE_string("report", None, "where to write the list of skipped samples; alias of config.report")
-flags.DEFINE_string("data_dir", None, "TFDS data_dir; alias of config.tfds.data_dir")
-flags.DEFINE_string("name", None, "TFDS dataset name; alias of config.tfds.name")
-flags.DEFINE_string("split", None, "TFDS split for a folder; alias of config.tfds.split")
-flags.DEFINE_integer("num_val", None, "TFDS validation scenes after the train ones; alias of "
-                     "config.tfds.num_val")
-FLAGS = flags.FLAGS
+
+def define_flags(fv, argv):
+    define_config_flag("scenes", fv, argv)
+    d = dict(flag_values=fv)
+    flags.DEFINE_integer("num", None, "scenes to generate (show: rows of the grid); alias of config.num "
+                         "/ show.num", **d)
+    flags.DEFINE_integer("resolution", None, "image side in pixels; alias of config.resolution", **d)
+    flags.DEFINE_integer("seed", None, "dataset seed; alias of config.seed", **d)
+    flags.DEFINE_integer("start", None, "first scene index; alias of config.start", **d)
+    flags.DEFINE_string("out", None, "output folder (show: output PNG); alias of config.out / show.out", **d)
+    flags.DEFINE_integer("workers", None, "worker processes; alias of config.num_workers", **d)
+    flags.DEFINE_enum("depth_format", None, ["npy", "png16"], "depth files; alias of "
+                      "config.depth_format", **d)
+    flags.DEFINE_boolean("overwrite", None, "replace earlier output; alias of config.overwrite", **d)
+    flags.DEFINE_boolean("skip_bad", None, "skip (and list) bad samples when reading a folder; alias of "
+                         "config.skip_bad", **d)
+    flags.DEFINE_string("report", None, "where to write the list of skipped samples; alias of "
+                        "config.report", **d)
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir; alias of config.tfds.data_dir", **d)
+    flags.DEFINE_string("name", None, "TFDS dataset name; alias of config.tfds.name", **d)
+    flags.DEFINE_string("split", None, "TFDS split for a folder; alias of config.tfds.split", **d)
+    flags.DEFINE_integer("num_val", None, "TFDS validation scenes after the train ones; alias of "
+                         "config.tfds.num_val", **d)
+
 
 COMMANDS = ("generate", "show", "validate", "tfds")
 
 
-def _resolved_config(command: str):
-    """The config with plain flags applied on top (a plain flag given wins)."""
-    c = _CONFIG.value
+def _resolved_config(command: str, F):
+    """The config with plain flags applied on top (a plain flag given wins), checked."""
+    c = F.config
     default_out = c.out == f"data/scenes_{c.resolution}"
     aliases = {"resolution": "resolution", "seed": "seed", "start": "start", "workers": "num_workers",
                "depth_format": "depth_format", "overwrite": "overwrite", "skip_bad": "skip_bad",
@@ -54,16 +59,27 @@ def _resolved_config(command: str):
     aliases["num"] = "show.num" if command == "show" else "num"
     aliases["out"] = "show.out" if command == "show" else "out"
     for flag, field in aliases.items():
-        value = FLAGS[flag].value
+        value = F[flag].value
         if value is not None:
             *parents, leaf = field.split(".")
             node = c
             for p in parents:
                 node = node[p]
             node[leaf] = value
-    if default_out and FLAGS["out"].value is None:  # the default folder follows the resolution
+    if default_out and F["out"].value is None:  # the default folder follows the resolution
         c.out = f"data/scenes_{c.resolution}"
+    check_config(c, command)
     return c
+
+
+def check_config(c, command: str) -> None:
+    """Counts and sizes a command uses, before it writes anything."""
+    num_flag = "--num (config.show.num)" if command == "show" else "--num (config.num)"
+    positive(num_flag, int(c.show.num if command == "show" else c.num))
+    positive("--resolution (config.resolution)", int(c.resolution))
+    positive("--start (config.start)", int(c.start), allow_zero=True)
+    positive("--workers (config.num_workers)", int(c.num_workers), allow_zero=True)
+    positive("--num_val (config.tfds.num_val)", int(c.tfds.num_val), allow_zero=True)
 
 
 def _scene_config(c):
@@ -128,7 +144,7 @@ def cmd_tfds(c, folder_path: str | None) -> None:
           f"tfds.data_source({path.parent.name!r}, data_dir={str(path.parent.parent)!r})")
 
 
-def main_with_args(argv) -> int:
+def run(argv, F) -> int:
     command, rest = "generate", list(argv[1:])
     if rest and rest[0] in COMMANDS:
         command, rest = rest[0], rest[1:]
@@ -136,7 +152,10 @@ def main_with_args(argv) -> int:
     extra = (needs_dir and len(rest) != 1) or (command == "generate" and rest)
     if extra or (command == "tfds" and len(rest) > 1):
         raise app.UsageError(f"usage: fourm-scenes [{'|'.join(COMMANDS)}] [DIR] [flags]; got {argv[1:]}")
-    c = _resolved_config(command)
+    if needs_dir and not Path(rest[0]).is_dir():
+        raise CommandError(f"{command} {rest[0]}: no such folder (expected an aligned folder with "
+                           "dataset.json)")
+    c = _resolved_config(command, F)
     if command == "generate":
         cmd_generate(c)
     elif command == "show":
@@ -148,31 +167,7 @@ def main_with_args(argv) -> int:
     return 0
 
 
-def _parse_flags(argv):
-    """absl parsing after turning --long-flag-name into --long_flag_name (not --config.* values)."""
-    fixed = [argv[0]]
-    for a in argv[1:]:
-        if a.startswith("--") and not a.startswith("--config"):
-            name, eq, value = a[2:].partition("=")
-            a = "--" + name.replace("-", "_") + eq + value
-        fixed.append(a)
-    try:
-        return FLAGS(fixed)
-    except flags.Error as e:
-        print(f"{e}\nPass --help for usage.", file=sys.stderr)
-        sys.exit(2)
-    except SystemExit as e:  # absl exits with status 1 after printing --help; asking is not an error
-        if any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in fixed[1:]):
-            sys.exit(0)
-        raise
-
-
-def _main(argv):
-    sys.exit(main_with_args(argv))
-
-
-def main():
-    app.run(_main, flags_parser=_parse_flags)
+main = entry(__name__)
 
 
 if __name__ == "__main__":

@@ -5,56 +5,54 @@
 
 Rerunning the same command resumes from the newest good checkpoint in the work directory. SIGTERM
 saves at the next step boundary and exits 0. Multi-host: see launch/ (jax.distributed starts from
-the launcher's environment). Exit status: 0 done or preempted, 2 bad config, 3 NaN/Inf stop.
+the launcher's environment). The config is checked (steps, batch, learning rate, data folder,
+known keys) before any data is read. Exit status: 0 done or preempted, 2 bad input or config,
+3 NaN/Inf stop.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
 
+from fourm.cli import entry
 from fourm.config import define_config_flag
 
-_CONFIG = define_config_flag("pretrain")
-_WORKDIR = flags.DEFINE_string("workdir", None, "work directory (default: config.workdir)")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                                 "start jax.distributed (auto: when a launcher set the environment)")
+
+def define_flags(fv, argv):
+    define_config_flag("pretrain", fv, argv)
+    flags.DEFINE_string("workdir", None, "work directory (default: config.workdir)", flag_values=fv)
+    flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                      "start jax.distributed (auto: when a launcher set the environment)", flag_values=fv)
 
 
-def _main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def run(args, F) -> int:
+    if len(args) > 1:
+        raise app.UsageError(f"unexpected arguments: {args[1:]}")
+    from fourm.train.validate import check_config
+
+    check_config(F.config)  # before devices start or anything is read
     from fourm.hostmem import keep_freed_memory
     from fourm.train import distributed
 
     keep_freed_memory()  # before JAX starts its thread pools: steps stop re-faulting freed memory
-    distributed.initialize(_DISTRIBUTED.value)  # before anything touches a jax backend
-    logging.getLogger().setLevel(logging.INFO)
-    for noisy in ("absl", "orbax", "jax", "tensorboardX"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    distributed.initialize(F.distributed)  # before anything touches a jax backend
     from fourm.train import trainer
 
     try:
-        result = trainer.train(_CONFIG.value, _WORKDIR.value)
-    except trainer.ConfigError as e:
-        print(f"fourm-train: config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except trainer.CheckpointMismatchError as e:
-        print(f"fourm-train: checkpoint error: {e}", file=sys.stderr)
-        sys.exit(2)
+        result = trainer.train(F.config, F.workdir)
     except trainer.NonFiniteError as e:
         print(f"fourm-train: stopped: {e}", file=sys.stderr)
-        sys.exit(3)
+        return 3
     state = "preempted, checkpoint saved" if result.preempted else "done"
-    print(f"fourm-train: {state} at step {result.step}; loss {result.last_metrics.get('loss')}; "
-          f"workdir {result.workdir}")
+    loss = result.last_metrics.get("loss")
+    print(f"fourm-train: {state} at step {result.step}; "
+          + (f"loss {loss:.4f}; " if loss is not None else "") + f"workdir {result.workdir}")
+    return 0
 
 
-def main():
-    app.run(_main)
-
+main = entry(__name__)
 
 if __name__ == "__main__":
     main()

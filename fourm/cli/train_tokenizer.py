@@ -11,33 +11,38 @@ reconstruction) and eval_step*.json (held-out metrics at the end).
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from fourm.cli import entry, positive
 from fourm.config import REPO_ROOT, define_config_flag
 
-_CONFIG = define_config_flag(str(REPO_ROOT / "tokenizers" / "rgb.py"))
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: the config's workdir)")
-_STEPS = flags.DEFINE_integer("steps", None, "train steps (default: config train.steps)")
+
+def define_flags(fv, argv):
+    define_config_flag(str(REPO_ROOT / "tokenizers" / "rgb.py"), fv, argv)
+    flags.DEFINE_string("workdir", None, "run directory (default: the config's workdir)", flag_values=fv)
+    flags.DEFINE_integer("steps", None, "train steps (default: config train.steps)", flag_values=fv)
 
 
-def _main(argv):
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
-        logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+def run(args, F) -> int:
+    if len(args) > 1:
+        raise app.UsageError(f"unexpected arguments {args[1:]}")
     from fourm.tokenizers.evaluate import format_report
     from fourm.tokenizers.train import train
 
-    result = train(_CONFIG.value, workdir=_WORKDIR.value, steps=_STEPS.value)
+    positive("--steps", F.steps)
+    positive("--config.train.steps", int(F.config.train.steps))
+    positive("--config.train.batch_size", int(F.config.train.batch_size))
+    lr = float(F.config.train.lr)
+    if not lr > 0 or lr == float("inf"):
+        raise app.UsageError(f"--config.train.lr={lr}: expected a positive finite number")
+    result = train(F.config, workdir=F.workdir, steps=F.steps)
     if "eval" in result:
         print(format_report(result["eval"]))
     print(f"run directory: {result['workdir']}")
+    return 0
 
 
-def main():
-    from fourm.cli import run_with_clean_errors
-
-    run_with_clean_errors(_main)
+main = entry(__name__)
 
 
 if __name__ == "__main__":

@@ -352,6 +352,7 @@ def load(src: str | os.PathLike, verbose: bool = False, **runtime) -> FourM:
     spec = spec_from_ml4m(cfg, str(src / CONFIG_FILE), verbose=verbose, **runtime)
     tensors, meta = read_safetensors(src / WEIGHTS_FILE)
     params, notes = convert_state_dict(tensors, meta, spec, str(src / WEIGHTS_FILE))
+    check_finite(params, str(src / WEIGHTS_FILE))
     if verbose:
         for n in notes:
             print(f"[fourm.compat.ml4m] {n}")
@@ -360,8 +361,25 @@ def load(src: str | os.PathLike, verbose: bool = False, **runtime) -> FourM:
     return model
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, verbose: bool = True) -> Path:
-    """Write a native fourm checkpoint (fourm.model.load_pretrained reads it) for a 4M folder."""
+def check_finite(params: Mapping[str, np.ndarray], source: str) -> None:
+    """CheckpointError naming the first parameter with NaN/Inf values (a corrupt or diverged
+    checkpoint would otherwise convert into a model that generates garbage)."""
+    for name, value in params.items():
+        a = np.asarray(value)
+        if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16":
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a.astype(np.float32))))
+            if bad:
+                raise CheckpointError(f"{source}: parameter {name!r} has {bad} non-finite (NaN/Inf) "
+                                      f"values of {a.size}; expected finite weights")
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, verbose: bool = True,
+            overwrite: bool = False) -> Path:
+    """Write a native fourm checkpoint (fourm.model.load_pretrained reads it) for a 4M folder.
+    An existing, non-empty `out` is an error unless `overwrite`; nothing is written on error."""
+    if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+        raise CheckpointError(f"OUT_DIR {out} exists and is not empty; pass --overwrite to replace "
+                              "its checkpoint")
     model = load(src, verbose=verbose)
     cfg = read_ml4m_config(src)
     return save_pretrained(model, {"converted_from": str(Path(src).resolve()), "ml4m_config": cfg}, out)

@@ -238,6 +238,10 @@ class ImageTokenizer:
         """Native batch -> int32[B, gh, gw] token ids (see the codec for the native contract)."""
         x = self.codec.check(x, self.resolution, allow_resize=self.resize_input)
         ids, invalid = self._chunked(self._encode, x)
+        empty = np.flatnonzero(np.asarray(invalid) >= x.shape[1] * x.shape[2])
+        if empty.size:  # tokens of nothing: a NaN / blank input, not an image
+            raise ValueError(f"{self.name}: image {int(empty[0])} of the batch has no valid pixel "
+                             f"(all NaN/inf/out of range); expected {self.codec.native_desc}")
         n_bad = int(invalid.sum())
         if n_bad:
             log.warning("%s: %d invalid pixels (NaN/inf/out-of-domain) in %d of %d images were "

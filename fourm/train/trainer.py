@@ -37,12 +37,9 @@ from fourm.train import checkpointing, input_pipeline, metrics as metrics_lib, s
 from fourm.train.mesh import describe as describe_mesh, make_mesh
 from fourm.train.checkpointing import CheckpointMismatchError  # noqa: F401 (re-exported)
 from fourm.train.optimizer import make_optimizer
+from fourm.train.validate import ConfigError, check_config  # noqa: F401 (ConfigError re-exported)
 
 log = logging.getLogger("fourm.train")
-
-
-class ConfigError(ValueError):
-    """The config cannot run on these devices / this data. Raised before any compute."""
 
 
 class NonFiniteError(FloatingPointError):
@@ -274,6 +271,7 @@ class PreemptionWatch:
 # ------------------------------------------------------------------------------------------------
 def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> TrainResult:
     config = ml_collections.ConfigDict(config.to_dict())  # private copy: we resolve fields in it
+    check_config(config, jax.device_count())  # before anything is read or written
     workdir = Path(workdir or config.workdir).absolute()
 
     # ---------------------------------------------------------------- logging

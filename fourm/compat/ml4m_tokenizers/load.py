@@ -354,8 +354,11 @@ def diffusion_decode(tok: Tokenizer, quant, *, timesteps=None, noise=None, key=N
                                   "(the diffusion decoder), which this fourm does not have")
     cfg = tok.raw_config
     if timesteps is None or np.ndim(timesteps) == 0:
-        timesteps = diffusion.scheduler_timesteps(cfg, int(timesteps or tok.cfg.diffusion_cfg["num_train_timesteps"]),
-                                                  mode)
+        steps = int(timesteps or tok.cfg.diffusion_cfg["num_train_timesteps"])
+        timesteps = diffusion.scheduler_timesteps(cfg, steps, mode)
+        # 'trailing' with a count that does not divide num_train_timesteps yields one extra entry;
+        # the step to the previous timestep still follows the requested count, as in 4M.
+        kwargs.setdefault("num_inference_steps", steps)
     if noise is None:
         if key is None:
             raise ValueError(f"{tok.name}: DiVAE decoding starts from noise: pass noise= (B, C, H, W) or "
