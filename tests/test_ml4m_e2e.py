@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 
 from fourm.compat import ml4m, ml4m_assets
 from fourm.compat.ml4m_tokenizers.config import parse_config, register_fixture_archs
+from fourm.compat.ml4m_tokenizers import unet
 from fourm.compat.ml4m_tokenizers.load import expected_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,8 @@ pytestmark = pytest.mark.skipif(not (MODEL_A / "model.safetensors").is_file() or
 # The subprocess registers the fixtures' tiny ViT sizes (vit_t_*) as their README says, then runs
 # the ordinary console entry point.
 RUN = ("import sys; from fourm.compat.ml4m_tokenizers.config import register_fixture_archs; "
-       "register_fixture_archs(); from fourm.cli.generate import main; sys.argv[0] = 'fourm-generate'; main()")
+       "from fourm.compat.ml4m_tokenizers.unet import register_fixture_unets; register_fixture_archs(); "
+       "register_fixture_unets(); from fourm.cli.generate import main; sys.argv[0] = 'fourm-generate'; main()")
 
 
 def _random_state(cfg, seed):
@@ -51,20 +53,29 @@ def _random_state(cfg, seed):
 
 
 def make_tokenizer(folder: Path, *, codebook: int, n_channels: int = 3, n_labels=None, mlp: bool = False,
-                   num_codebooks: int = 1, seed: int = 0) -> Path:
+                   num_codebooks: int = 1, divae: bool = False, seed: int = 0) -> Path:
     """A 4M tokenizer folder (config.json + model.safetensors) with random weights."""
     register_fixture_archs()
-    if mlp:
+    unet.register_fixture_unets()
+    if divae:  # ViT encoder + the fixture's tiny patched UNet decoder
+        raw = json.loads((TOKS / "divae_unet_rgb" / "config.json").read_text())
+        raw.update(image_size=224, patch_size=16, n_channels=n_channels, codebook_size=codebook)
+    elif mlp:
         raw = json.loads((TOKS / "vq_mlp_global" / "config.json").read_text())
         raw.update(codebook_size=codebook, num_codebooks=num_codebooks, n_channels=n_channels)
     else:
         raw = json.loads((TOKS / "vqvae_vit_semseg" / "config.json").read_text())
         raw.update(image_size=224, patch_size=16, n_channels=n_channels if n_labels is None else n_labels,
                    n_labels=n_labels, codebook_size=codebook)
-    cfg = parse_config(raw, "VQVAE")
+    cfg = parse_config(raw, "DiVAE" if divae else "VQVAE")
+    state = _random_state(cfg, seed)
+    if divae:
+        rng = np.random.default_rng(seed + 100)
+        state.update({f"decoder.{k}": (0.2 * rng.standard_normal(shape)).astype(np.float32)
+                      for k, shape in unet._expected(unet.unet_arch(raw)).items()})
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(raw, indent=1))
-    save_file(_random_state(cfg, seed), str(folder / "model.safetensors"))
+    save_file(state, str(folder / "model.safetensors"))
     return folder
 
 
@@ -91,7 +102,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("ml4m_e2e")
     toks = root / "tokenizers"
     toks.mkdir()
-    make_tokenizer(toks / "4M_tokenizers_rgb_16k_224-448", codebook=16384, seed=1)
+    make_tokenizer(toks / "4M_tokenizers_rgb_16k_224-448", codebook=16384, divae=True, seed=1)
     make_tokenizer(toks / "4M_tokenizers_depth_8k_224-448", codebook=8192, n_channels=1, seed=2)
     make_tokenizer(toks / "4M_tokenizers_normal_8k_224-448", codebook=8192, seed=3)
     make_tokenizer(toks / "4M_tokenizers_semseg_4k_224-448", codebook=4096, n_labels=16, seed=4)
@@ -124,7 +135,7 @@ def test_image_to_depth_rgb_caption_with_official_layout(assets, tmp_path):
     out = tmp_path / "out_a"
     r = _generate(["--checkpoint", str(MODEL_A), "--tokenizers", str(assets / "tokenizers"),
                    "--cond", f"rgb={assets / 'photo.png'}", "--targets", "depth,rgb,caption:max_new_tokens=8",
-                   "--out", str(out), "--seed", "3"], cwd=tmp_path)
+                   "--out", str(out), "--seed", "3", "--diffusion_steps", "2"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     depth, rgb = _png(out / "000_tok_depth_224.png"), _png(out / "000_tok_rgb_224.png")
     assert depth.shape == rgb.shape == (224, 224, 3)
@@ -193,8 +204,10 @@ def test_truncated_standardisation_matches_4m_definition():
 
 def test_rgb_tokenizer_input_convention(assets):
     spec = ml4m.load(MODEL_A).spec
-    toks = ml4m_assets.load_tokenizers(assets / "tokenizers", spec, ["tok_rgb@224", "tok_depth@224"])
+    toks = ml4m_assets.load_tokenizers(assets / "tokenizers", spec, ["tok_rgb@224", "tok_depth@224"],
+                                       diffusion_steps=1)
     rgb = toks["tok_rgb@224"]
+    assert rgb.tok.cfg.cls == "DiVAE" and toks["tok_depth@224"].tok.cfg.cls == "VQVAE"
     x = np.full((1, 224, 224, 3), 255, np.uint8)
     np.testing.assert_allclose(rgb.to_input(x), 1.0)  # x * 2 - 1 (undo_std false)
     np.testing.assert_allclose(rgb.to_input(np.zeros((1, 224, 224, 3), np.float32)), -1.0)
@@ -247,7 +260,7 @@ def test_cli_errors_are_one_line_and_write_nothing(assets, tmp_path):
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "grey.png")
     r = _generate(["--checkpoint", str(MODEL_A), "--tokenizers", str(assets / "tokenizers"),
                    "--cond", f"rgb={tmp_path / 'grey.png'}", "--targets", "depth", "--out", str(out)], cwd=tmp_path)
-    assert r.returncode == 1 and not out.exists()
+    assert r.returncode == 2 and not out.exists()
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("fourm-generate: error:") and "grey.png: expected an RGB image" in last
 
