@@ -128,6 +128,13 @@ def test_convert_then_load_pretrained_is_identical(model, tmp_path, capsys):
     assert doc["format"] == "fourm" and doc["config"]["ml4m_config"]["dim"] == 48
 
 
+def test_cli_check_text_tokenizer_flag_is_checked_first(tmp_path, capsys):
+    from fourm.cli.ml4m import main
+
+    assert main(["fourm-ml4m", "check", str(FIXTURE), "--text_tokenizer", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json: no such file" in capsys.readouterr().err
+
+
 def _fixture_copy(tmp_path, cfg_edit=None, tensor_edit=None, raw=None):
     d = tmp_path / "ck"
     d.mkdir()

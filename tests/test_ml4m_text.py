@@ -157,3 +157,15 @@ def test_decodes_a_4m_generation_as_4m(tok, shared_dir):
     seq = g["caption_ar/sequence"]
     assert tok.decode(seq) == str(g["caption_ar/decoded_text"])
     assert tok.decode(g["caption_ar/merged"]) == str(g["caption_ar/decoded_text"]).removeprefix("[S_1] ")
+
+
+def test_generate_cli_finds_the_wordpiece_json(wp_dir, tmp_path):
+    from fourm.cli.generate import load_tokenizers
+
+    name = json.loads((wp_dir / "fixture.json").read_text())["tokenizer_file"]
+    shutil.copy(wp_dir / name, tmp_path / name)  # beside the image tokenizer folders, as released
+    assert isinstance(load_tokenizers(str(tmp_path))["text"], mt.ML4MTextTokenizer)
+    (tmp_path / "text").mkdir()
+    shutil.copy(wp_dir / name, tmp_path / "text" / name)
+    with pytest.raises(ValueError, match="both hold a text tokenizer"):
+        load_tokenizers(str(tmp_path))

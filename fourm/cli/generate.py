@@ -101,9 +101,11 @@ def load_model(path: str):
 
 
 def load_tokenizers(path: str | None) -> dict[str, Any]:
-    """{modality name: ImageTokenizer, "text": TextTokenizer} from a folder of tokenizer folders."""
+    """{modality name: ImageTokenizer, "text": TextTokenizer} from a folder of tokenizer folders
+    (the text tokenizer: fourm's, or 4M's WordPiece text_tokenizer*.json, at the top or in a folder)."""
     if not path:
         return {}
+    from fourm.compat import ml4m_text
     from fourm.tokenizers.text import MODEL_FILE, TextTokenizer
 
     root = Path(path)
@@ -111,8 +113,13 @@ def load_tokenizers(path: str | None) -> dict[str, Any]:
         raise app.UsageError(f"--tokenizers {root}: no such folder")
     out, where = {}, {}
     for d in sorted([root] + [c for c in root.iterdir() if c.is_dir()]):
-        if (d / MODEL_FILE).is_file():
-            out["text"] = TextTokenizer.load(d)
+        wordpiece = ml4m_text.find_tokenizer_file(d)  # 4M's text_tokenizer_4m_wordpiece_30k.json
+        if (d / MODEL_FILE).is_file() or wordpiece is not None:
+            if "text" in out:
+                raise CommandError(f"--tokenizers: {where['text']} and {d} both hold a text tokenizer; "
+                                   "keep one")
+            out["text"] = TextTokenizer.load(d) if wordpiece is None else ml4m_text.load(wordpiece)
+            where["text"] = d
         elif d != root and ((d / "checkpoints").is_dir() or any(d.glob("*.json"))):
             try:
                 tok = load_image_tokenizer(d)

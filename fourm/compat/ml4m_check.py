@@ -24,6 +24,7 @@ import numpy as np
 
 from fourm.batch import PIXELS_PREFIX
 from fourm.compat import ml4m
+from fourm.compat.ml4m_text import ML4MTextTokenizer
 from fourm.model.loss import reduce_loss
 from fourm.model.spec import ModelSpec
 
@@ -332,6 +333,11 @@ def run_check(fixture: str | Path, tol: float = FLOAT_TOL, model=None, compiler_
         if e.name != "fourm.compat.ml4m_generation":
             raise
         register_section("generation", _generation_placeholder)
+    if text_tokenizer is not None and not isinstance(text_tokenizer, ML4MTextTokenizer):
+        try:  # before any work: a wrong path is a bad input, not a late failure
+            text_tokenizer = ML4MTextTokenizer.load(text_tokenizer)
+        except (ValueError, OSError) as e:
+            raise FixtureError(f"text tokenizer: {e}") from None
     model = model if model is not None else ml4m.load(fixture, **runtime)
     ctx = CheckContext(fixture, model, model.spec, tol, compiler_options)
     if text_tokenizer is not None:
