@@ -116,6 +116,14 @@ def assets(tmp_path_factory):
     return root
 
 
+def _generate_in_process(args):
+    from fourm.cli import generate as cli
+
+    register_fixture_archs()
+    unet.register_fixture_unets()
+    return cli.main(["fourm-generate", *args])
+
+
 def _generate(args, cwd, timeout=600):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-c", RUN, *args], capture_output=True, text=True, cwd=cwd,
@@ -133,10 +141,11 @@ def _png(path):
 @pytest.mark.slow
 def test_image_to_depth_rgb_caption_with_official_layout(assets, tmp_path):
     out = tmp_path / "out_a"
-    r = _generate(["--checkpoint", str(MODEL_A), "--tokenizers", str(assets / "tokenizers"),
-                   "--cond", f"rgb={assets / 'photo.png'}", "--targets", "depth,rgb,caption:max_new_tokens=8",
-                   "--out", str(out), "--seed", "3", "--diffusion_steps", "2"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    rc = _generate_in_process(["--checkpoint", str(MODEL_A), "--tokenizers", str(assets / "tokenizers"),
+                               "--cond", f"rgb={assets / 'photo.png'}", "--targets",
+                               "depth,rgb,caption:max_new_tokens=8", "--out", str(out), "--seed", "3",
+                               "--diffusion_steps", "2"])
+    assert rc == 0
     depth, rgb = _png(out / "000_tok_depth_224.png"), _png(out / "000_tok_rgb_224.png")
     assert depth.shape == rgb.shape == (224, 224, 3)
     assert depth.std() > 0 and rgb.std() > 0  # a decoded picture, not a constant
@@ -159,11 +168,11 @@ def test_image_to_depth_rgb_caption_with_official_layout(assets, tmp_path):
 @pytest.mark.slow
 def test_image_to_normals_semseg_boxes_4m21_layout(assets, tmp_path):
     out = tmp_path / "out_b"
-    r = _generate(["--checkpoint", str(assets / "4M-21_tiny"), "--tokenizers", str(assets / "tokenizers"),
-                   "--cond", f"rgb={assets / 'photo.png'}",
-                   "--targets", "normal,semseg,det:max_new_tokens=12:temperature=1.0,tok_dinov2_global",
-                   "--out", str(out)], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    rc = _generate_in_process(["--checkpoint", str(assets / "4M-21_tiny"), "--tokenizers",
+                               str(assets / "tokenizers"), "--cond", f"rgb={assets / 'photo.png'}", "--targets",
+                               "normal,semseg,det:max_new_tokens=12:temperature=1.0,tok_dinov2_global",
+                               "--out", str(out)])
+    assert rc == 0
     normal, semseg = _png(out / "000_tok_normal_224.png"), _png(out / "000_tok_semseg_224.png")
     assert normal.shape == semseg.shape == (224, 224, 3)
     # semseg: one palette colour per class id (16 classes at most)
@@ -226,8 +235,8 @@ def test_tokenizer_folder_errors_name_folder_and_modality(assets, tmp_path):
     with pytest.raises(ml4m_assets.AssetError, match=r"no tokenizer folder for 'tok_depth@224'.*4M_tokenizers_depth_"):
         ml4m_assets.load_tokenizers(root, spec, ["tok_depth@224"])
     make_tokenizer(root / "4M_tokenizers_depth_4k_224", codebook=4096, n_channels=1)
-    with pytest.raises(ml4m_assets.AssetError,
-                       match=r"4M_tokenizers_depth_4k_224: tokenizer vocabulary 4096.*'tok_depth@224' has vocabulary 8192"):
+    with pytest.raises(ml4m_assets.AssetError, match=r"4M_tokenizers_depth_4k_224: tokenizer vocabulary 4096"
+                       r".*'tok_depth@224' has vocabulary 8192"):
         ml4m_assets.load_tokenizers(root, spec, ["tok_depth@224"])
     with pytest.raises(ml4m_assets.AssetError, match=r"no text_tokenizer\*\.json.*'caption'"):
         ml4m_assets.load_tokenizers(root, spec, ["caption"])
@@ -236,7 +245,8 @@ def test_tokenizer_folder_errors_name_folder_and_modality(assets, tmp_path):
     (root / "tokenizers.json").write_text(json.dumps({"depth": "my_depth"}))
     assert ml4m_assets.load_tokenizers(root, spec, ["tok_depth@224"])["tok_depth@224"].folder.name == "my_depth"
     (root / "tokenizers.json").write_text(json.dumps({"tok_depth@224": "../elsewhere"}))
-    with pytest.raises(ml4m_assets.AssetError, match=r"tokenizers\.json: entry 'tok_depth@224' = '\.\./elsewhere' leaves"):
+    with pytest.raises(ml4m_assets.AssetError,
+                       match=r"tokenizers\.json: entry 'tok_depth@224' = '\.\./elsewhere' leaves"):
         ml4m_assets.load_tokenizers(root, spec, ["tok_depth@224"])
 
 

@@ -321,11 +321,17 @@ def folder_for(root: Path, name: str, mapping: Mapping[str, Path], hubs: Mapping
 
 
 def text_tokenizer_file(root: Path, mapping: Mapping[str, Path]) -> Path | None:
+    """The WordPiece JSON: the map's "text" entry, else the one text_tokenizer*.json in TOK_DIR or
+    in one of its folders."""
     if "text" in mapping:
         return mapping["text"]
-    found = sorted(root.glob(TEXT_GLOB))
+    try:
+        found = [f for d in [root] + sorted(c for c in root.iterdir() if c.is_dir())
+                 if (f := ml4m_text.find_tokenizer_file(d)) is not None]
+    except ValueError as e:  # several in one folder
+        raise AssetError(f"--tokenizers {root}: {e}") from None
     if len(found) > 1:
-        raise AssetError(f"--tokenizers {root}: several {TEXT_GLOB} files {[p.name for p in found]}; "
+        raise AssetError(f"--tokenizers {root}: several {TEXT_GLOB} files {[str(p) for p in found]}; "
                          f"name the one to use as \"text\" in {root / MAP_FILE}")
     return found[0] if found else None
 
