@@ -20,6 +20,12 @@ pytestmark = pytest.mark.skipif(not (MODEL_A / "model.safetensors").is_file() or
                                 reason="4M fixtures not found")
 
 
+
+@pytest.fixture(autouse=True)
+def _no_compilation_cache(monkeypatch):
+    """The commands run in-process: keep JAX's persistent cache off, as the other command tests do."""
+    monkeypatch.setenv("FOURM_COMPILATION_CACHE", "off")
+
 @pytest.fixture(scope="module")
 def model_a():
     return ml4m.load(MODEL_A)

@@ -97,6 +97,12 @@ def make_model_b(folder: Path) -> Path:
     return folder
 
 
+
+@pytest.fixture(autouse=True)
+def _no_compilation_cache(monkeypatch):
+    """The commands run in-process: keep JAX's persistent cache off, as the other command tests do."""
+    monkeypatch.setenv("FOURM_COMPILATION_CACHE", "off")
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("ml4m_e2e")
