@@ -265,6 +265,8 @@ def test_presets_are_4ms_settings():
     assert ml4m_assets.preset_settings("x2rgb", r)["steps"] == 25
     assert ml4m_assets.preset_settings("x2rgb", r)["temperature_schedule"] == "onex:0.5:0.5"
     assert ml4m_assets.preset_settings("maskgit8", d)["token_schedule"] == "cosine"
+    clip = ml4m_assets.preset_settings("x2rgb", ml4m.modreg.get("tok_clip@224", "ml4m"))
+    assert (clip["steps"], clip["temperature"], clip["guidance_scale"]) == (50, 5.0, 3.0)
     assert ml4m_assets.preset_settings("rgb2x", c)["temperature"] == 0.3
     assert ml4m_assets.auto_preset(["rgb@224"]) == "rgb2x" and ml4m_assets.auto_preset(["caption"]) == "x2rgb"
     with pytest.raises(ml4m_assets.AssetError, match="unknown preset 'fast'"):

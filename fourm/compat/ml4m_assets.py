@@ -73,22 +73,26 @@ def stem(name: str) -> str:
 _ROAR1 = dict(scheme="roar", steps=1, token_schedule="linear", temperature=0.01,
               temperature_schedule="constant", guidance_scale=2.0)
 _TEXT = dict(temperature=0.3, temperature_schedule="constant", guidance_scale=1.0)
-_TEXT_LOW = dict(temperature=0.1, temperature_schedule="constant", guidance_scale=1.0)
+_TEXT_LOW = dict(temperature=0.1, temperature_schedule="constant", guidance_scale=1.0)  # poses, palette, metadata
+_TEXT_SAM = dict(_TEXT_LOW, temperature=0.01)
 _ROAR_ONEX = dict(scheme="roar", token_schedule="linear", temperature=3.0,
                   temperature_schedule="onex:0.5:0.5", guidance_scale=2.0)
 # Demo4MSampler.forward samples with top_p=0.8, top_k=0 for every target.
 _COMMON = dict(top_p=0.8, top_k=0)
 PRESETS: dict[str, dict[str, dict]] = {
     # RGB (pixels or tokens) given: DEFAULTS_RGB2X
-    "rgb2x": {"grid": _ROAR1, "caption": _TEXT, "det": _TEXT, "sequence": _TEXT_LOW},
+    "rgb2x": {"grid": _ROAR1, "caption": _TEXT, "det": _TEXT, "sam_instance": _TEXT_SAM,
+              "sequence": _TEXT_LOW},
     # RGB generated from other modalities: DEFAULTS_X2RGB
-    "x2rgb": {"rgb": dict(_ROAR_ONEX, steps=25), "clip": dict(_ROAR_ONEX, steps=50),
+    "x2rgb": {"rgb": dict(_ROAR_ONEX, steps=25),
+              "clip": dict(_ROAR_ONEX, steps=50, temperature=5.0, guidance_scale=3.0),
               "dinov2": dict(_ROAR1, steps=8), "imagebind": dict(_ROAR1, steps=8),
-              "grid": dict(_ROAR_ONEX, steps=8), "caption": _TEXT, "det": _TEXT, "sequence": _TEXT_LOW},
+              "grid": dict(_ROAR_ONEX, steps=8), "caption": _TEXT, "det": _TEXT, "sam_instance": _TEXT_SAM,
+              "sequence": _TEXT_LOW},
     # MaskGIT, cosine schedule, 8 steps (4M's super-resolution setting, DEFAULTS_SR)
     "maskgit8": {"grid": dict(scheme="maskgit", steps=8, token_schedule="cosine", temperature=1.0,
                               temperature_schedule="constant", guidance_scale=2.0),
-                 "caption": _TEXT, "det": _TEXT, "sequence": _TEXT_LOW},
+                 "caption": _TEXT, "det": _TEXT, "sam_instance": _TEXT_SAM, "sequence": _TEXT_LOW},
 }
 
 
