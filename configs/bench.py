@@ -22,7 +22,7 @@ def get_config(arg=None):
   c = common_config()
   c.quick = quick
   c.only = ["model", "train", "generate", "tokenizer", "ml4m_tokenizer", "scenes", "pretokenize", "masking",
-            "pipeline", "trainer"]
+            "pipeline", "trainer", "integrity"]
   c.device = "cpu"  # cpu | gpu (gpu: bf16 compute, MFU against peak_tflops)
   c.dtype = ""  # compute dtype; "" = float32 on cpu, bfloat16 on gpu
   c.peak_tflops = 989.0  # dense bf16 peak of one H100/H200 SXM, for MFU
@@ -109,6 +109,14 @@ def get_config(arg=None):
       steps=2 if quick else 5,
       input_batches=3 if quick else 20,
       scenes=64 if quick else 256,
+  ))
+
+  # Checkpoint durability window and shard verification cost (fourm.bench.integrity).
+  c.integrity = ml_collections.ConfigDict(dict(
+      state_mib=8 if quick else 256,  # checkpointed state size
+      work=1,  # stand-in step cost (matmul pairs per matrix)
+      steps=4 if quick else 20,  # steps run after the save
+      scenes=16 if quick else 256,  # scenes in the generated shards
   ))
 
   # 4M's DiVAE decoder (the released rgb tokenizer's patched UNet, random weights): one image,

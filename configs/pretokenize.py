@@ -52,4 +52,10 @@ def get_config(arg=None):
   # Metadata fields unknown to fourm.tokenizers.structure.METADATA_SPEC: error (True) or dropped.
   c.strict_metadata = True
   c.overwrite = False  # True: discard shards of a previous, different run in out_dir
+  # Multi-modal augmentation before tokenization (fourm.data.augment): one random crop (side a
+  # fraction in `crop` of the image, resized back) and a left-right flip with probability `hflip`,
+  # applied consistently to every field of a sample (normals' x negated, boxes and intrinsics
+  # moved); deterministic in (seed, sample index). Off by default.
+  c.augment = ml_collections.ConfigDict(dict(enabled=False, seed=0, hflip=0.5, crop=(0.8, 1.0),
+                                             flip_text=True))
   return c

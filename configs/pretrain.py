@@ -37,6 +37,9 @@ def get_config(arg="tiny"):
   c.data.num_workers = 0  # grain worker processes (0 = threads in the trainer process)
   c.data.num_threads = 2
   c.data.prefetch = 4
+  # sha256 of every shard against the manifest before the first step (fourm.data.shards); False
+  # skips it for data verified elsewhere (its cost: `fourm-bench --only integrity`).
+  c.data.verify_shards = True
   c.data.vocab_from_manifest = True  # model vocabularies = the tokenizers' (manifest) sizes
   # Expected tokenizer versions/hashes per modality ({} = accept the manifest's); a mismatch is
   # an error before any compute, so a model never trains on tokens of another tokenizer.
@@ -63,6 +66,10 @@ def get_config(arg="tiny"):
   c.ckpt_every = 200
   c.keep_checkpoints = 3
   c.async_checkpoint = True
+  # Steps the loop may run ahead of the newest checkpoint while it is still being written: at
+  # that step boundary it waits for the write to finish (the save is durable). 1 = the write
+  # overlaps one step, so a kill loses at most ckpt_every steps; -1 = never wait (fully async).
+  c.ckpt_durable_within_steps = 1
   # Tests only: the trainer sends itself `debug_signal` (SIGTERM, SIGKILL) right after this step.
   c.debug_signal_at_step = -1
   c.debug_signal = "SIGKILL"

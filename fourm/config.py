@@ -17,6 +17,8 @@ import ml_collections
 from absl import flags
 from ml_collections.config_flags import config_flags, config_path
 
+from fourm import modalities as registry
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 
@@ -155,6 +157,8 @@ def define_config_flag(default: str, flag_values=None, argv: Sequence[str] | Non
 
     class _Flag(config_flags._ConfigFlag):  # noqa: SLF001  (the documented flag class)
         def _initialize_missing_parent_fields(self, config, overrides):
+            # The user's modalities first: override keys may name them (image_tokenizers.tok_x@32).
+            import_user_modules(config, self._GetArgv(), self.name)
             check_override_keys(config, overrides, self._GetArgv(), self.name)
             super()._initialize_missing_parent_fields(config, overrides)
 
@@ -165,6 +169,22 @@ def define_config_flag(default: str, flag_values=None, argv: Sequence[str] | Non
                  help_string=help_text, flag_values=flag_values, accept_new_attributes=False,
                  sys_argv=None if argv is None else list(argv))
     return flags.DEFINE_flag(flag, flag_values)
+
+
+def import_user_modules(cfg, argv: Sequence[str] = (), name: str = "config") -> list[str]:
+    """Import the modules named by the config field `modules` (and by `--config.modules=...` in
+    `argv`, before the overrides are applied) and the `fourm.modalities` entry points: users' own
+    fields and modalities are registered before any key, data or model refers to them."""
+    mods = cfg.get("modules", ()) if isinstance(cfg, ml_collections.ConfigDict) else ()
+    specs = [mods] if isinstance(mods, str) else list(mods or ())
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        given = a.split("=", 1)[1] if a.startswith(f"--{name}.modules=") else (
+            argv[i + 1] if a == f"--{name}.modules" and i + 1 < len(argv) else None)
+        if given is not None:
+            value = _literal(given)
+            specs += [value] if isinstance(value, str) else list(value)
+    return registry.load_modules(specs)
 
 
 def lists_to_tuples(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -1,10 +1,17 @@
-"""Atomic file writes: readers see the old file or the whole new one, never a partial one.
+"""Atomic file writes, and paths that stay inside their folder.
+
+Atomic writes: readers see the old file or the whole new one, never a partial one.
 
 Every artifact fourm writes outside orbax (configs, manifests, metrics summaries, PNGs, reports,
 tokenizer files) goes through `atomic_write`: the bytes land in a hidden temporary file next to
 the target, are flushed to disk, and replace the target with one `os.replace` (atomic on POSIX
 within a filesystem). A crash mid-write leaves at most a stray `.<name>.tmp<pid>` file, which no
 reader looks at.
+
+Paths inside their folder: every path fourm reads from a dataset folder or artifact (aligned-folder
+samples, shard files named by a manifest, tokenizer exports, checkpoint steps) goes through
+`inside(folder, path)`, which resolves symlinks and `..` and refuses, by name, a path that lands
+outside the folder: a dataset must not be able to make fourm read /etc/passwd into a shard.
 """
 
 from __future__ import annotations
@@ -16,6 +23,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+class PathEscapeError(ValueError):
+    """A path read from a folder's data resolves outside that folder (symlink or `..`)."""
+
+    def __init__(self, what: str, path: Path, real: Path, folder: Path):
+        self.path, self.real, self.folder = path, real, folder
+        self.reason = (f"resolves to {real}, outside its folder {folder} (a symlink or '..' "
+                       f"leaving the folder); refusing to read it")
+        super().__init__(f"{what} {path} {self.reason}")
+
+    def __reduce__(self):
+        return (type(self), (str(self).split(" ", 1)[0], self.path, self.real, self.folder))
+
+
+def inside(folder: str | os.PathLike, path: str | os.PathLike, what: str = "path") -> Path:
+    """`folder / path`, checked: PathEscapeError when, symlinks resolved, it leaves `folder`.
+
+    `path` may be relative (to `folder`, as manifests write them) or absolute. The folder itself
+    may be a symlink (where the user keeps their data is their business); what it contains may not
+    point outside it."""
+    root = Path(folder).resolve()
+    given = Path(folder) / path
+    real = given.resolve()  # strict=False: a missing file is the caller's error to name
+    if real != root and not real.is_relative_to(root):
+        raise PathEscapeError(what, given, real, root)
+    return given
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:

@@ -53,7 +53,7 @@ def test_export_round_trip(clean):
     assert len(f) == NUM and f.stems == [f"{i:06d}" for i in range(NUM)]
     spec = json.loads((clean / "dataset.json").read_text())
     assert spec["resolution"] == [RES, RES] and spec["classes"] == scenes.CLASSES
-    assert set(spec["modalities"]) == set(folder.MODALITIES) and spec["intrinsics"]["cx"] == (RES - 1) / 2
+    assert set(spec["modalities"]) == set(scenes.FIELDS) and spec["intrinsics"]["cx"] == (RES - 1) / 2
     assert "normals" in spec["conventions"] and spec["source"]["seed"] == SEED
     for i in range(NUM):
         assert_matches_generator(f[i], i)
@@ -208,7 +208,7 @@ def test_bad_dataset_json(copy):
 
 
 def test_sample_missing_in_every_modality(copy):
-    for mod in folder.MODALITIES:
+    for mod in scenes.FIELDS:
         next((copy / mod).glob("000004.*")).unlink()
     with pytest.raises(folder.FolderError, match="num_samples=6 but .* 5 distinct stems"):
         folder.AlignedFolder(copy)

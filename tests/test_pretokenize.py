@@ -221,3 +221,22 @@ def test_aligned_folder_source_matches_generator(tmp_path, text_tok):
         for name in ("rgb@64", "tok_rgb@64", "caption", "det", "metadata"):
             np.testing.assert_array_equal(da[i][name], db[i][name], err_msg=name)
     assert a["source"] == {"kind": "test"}
+
+
+def test_symlink_leaving_an_aligned_folder_is_refused(tmp_path, text_tok):
+    """A dataset cannot make pre-tokenization read a file outside it (issue 17: /etc/passwd was
+    tokenized into a shard)."""
+    from fourm.data.folder import FolderError
+    from fourm.data.scenes import export_scenes
+    from fourm.tokenizers.sources import FolderSource
+
+    root = tmp_path / "scenes"
+    export_scenes(root, 0, 0, 2, 32, workers=1, progress=False)
+    (root / "caption" / "000001.txt").unlink()
+    (root / "caption" / "000001.txt").symlink_to("/etc/passwd")
+    with pytest.raises(FolderError, match=r"sample '000001', modality 'caption'.*resolves to /etc/passwd, "
+                                          r"outside its folder"):
+        _run(tmp_path / "out", FolderSource(str(root)), text_tok, modalities=["caption"],
+             image_tokenizers={})
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not list((tmp_path / "out").glob("*.array_record"))

@@ -10,6 +10,7 @@ test checks that all runs compiled the same program before it compares bits).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,8 +62,12 @@ def straight(shards, tmp_path_factory, jax_cache):
 
 
 def losses(workdir) -> dict[int, float]:
-    """Train loss per step; a resumed run re-logs steps, the last record of a step wins."""
+    """Train loss per step (each step is logged once, across resumes too: asserted below)."""
     return {r["step"]: r["loss"] for r in metrics.read_jsonl(Path(workdir) / "metrics.jsonl")}
+
+
+def logged_steps(workdir) -> list[tuple[int, str]]:
+    return [(r["step"], r["split"]) for r in metrics.read_jsonl(Path(workdir) / "metrics.jsonl", None)]
 
 
 def final_state(workdir, step=STEPS):
@@ -145,11 +150,64 @@ def test_exact_resume_after_sigterm_and_sigkill(straight, shards, tmp_path, jax_
         "the runs compiled different train steps (was fourm's source edited during the test?)")
     assert not any("different train-step program" in p.stderr for p in (p2, p3))
     assert losses(workdir) == losses(ref_dir)  # bitwise: Python floats of the float32 losses
+    # Each step once, in order, as in the straight run: rows after a restored step were dropped.
+    assert logged_steps(workdir) == logged_steps(ref_dir) == [
+        (s, "train") for s in range(1, STEPS + 1)] + [(STEPS, "eval")]
+    # Restarted when already finished: no step to run, the final rows are still there and reported.
+    p4 = cli(shards, workdir, env=cache)
+    assert p4.returncode == 0, p4.stderr[-3000:]
+    assert f"done at step {STEPS}; loss {losses(ref_dir)[STEPS]:.4f};" in p4.stdout, p4.stdout
+    assert logged_steps(workdir) == logged_steps(ref_dir)
     ref, got = final_state(ref_dir), final_state(workdir)
     assert jax.tree.structure(ref) == jax.tree.structure(got)
     assert {"params", "opt", "step"} <= set(ref) and int(got["step"]) == STEPS
     bad = unequal_leaves(ref, got)
     assert not bad, f"{len(bad)} state arrays differ from the straight run: {bad[:10]}"
+
+
+def test_corrupted_shard_stops_before_training(shards, tmp_path):
+    data = Path(shutil.copytree(shards, tmp_path / "data"))
+    bad = sorted(data.glob("*.array_record"))[1]
+    b = bytearray(bad.read_bytes())
+    b[600:664] = bytes(x ^ 0xFF for x in b[600:664])  # same size: inside the second record
+    bad.write_bytes(bytes(b))
+    with pytest.raises(trainer.ConfigError, match=rf"config.data.dir=.*{bad.name} does not match the "
+                                                  rf"sha256.*record \d+ of 32 is damaged"):
+        trainer.train(smoke_config(data), str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_all_checkpoints_corrupt_stops_and_exports_nothing(straight, shards, tmp_path):
+    """Same-size corruption in the largest file of every checkpoint: a clear error, the corrupt
+    ones set aside, no export (issue 17 exported such weights and exited 0)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(straight / "checkpoints", workdir / "checkpoints")
+    for step in (4, 8):
+        big = max((p for p in (workdir / "checkpoints" / str(step)).rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+        b = bytearray(big.read_bytes())
+        b[len(b) // 2:len(b) // 2 + 64] = bytes(x ^ 0xFF for x in b[len(b) // 2:len(b) // 2 + 64])
+        big.write_bytes(bytes(b))
+    with pytest.raises(checkpointing.CheckpointCorruptError, match="no good checkpoint"):
+        trainer.train(smoke_config(shards), str(workdir))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4.corrupt", "8.corrupt"]
+    assert not (workdir / "export").exists()
+
+
+def test_sigterm_during_startup_stops_cleanly(shards, tmp_path, monkeypatch):
+    """A SIGTERM while the run starts (here: while it would compile) stops it at its first step
+    boundary with a normal return, instead of killing it (exit 143)."""
+    import signal
+
+    def compile_and_be_preempted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return None, "fingerprint"  # never called: the loop stops before its first step
+
+    monkeypatch.setattr(trainer, "compile_train_step", compile_and_be_preempted)
+    result = trainer.train(smoke_config(shards), str(tmp_path / "run"))
+    assert result.preempted and result.step == 0
+    assert not (tmp_path / "run" / "export").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
 
 
 def test_checkpoint_of_another_model_shape_fails_before_compute(straight, shards):

@@ -8,7 +8,8 @@ depth MaskGIT -> caption), tokenizer (VQ encode/decode, text), ml4m_tokenizer (4
 encode, ported to JAX), scenes (generator), pretokenize
 (scenes -> tokens -> ArrayRecord shards), masking (4M masking transform), pipeline (shards ->
 grain -> masked batches, as the trainer reads them), trainer (fourm.bench.train: the real trainer's
-step, input and checkpoint on scene shards), divae (4M's DiVAE decode, fourm.bench.divae; not in
+step, input and checkpoint on scene shards), integrity (fourm.bench.integrity: checkpoint
+durability window, shard sha256 cost), divae (4M's DiVAE decode, fourm.bench.divae; not in
 the default list: 1000 DDPM steps at 224 px take long on a CPU). Each group is a function `config -> list of
 Result` (fourm.bench.common). Scenes, masking, tokenizers and shards call the per-area benchmark
 functions (fourm.bench.scenes.cpu_rate / measure, fourm.masking.__main__.benchmark,
@@ -350,7 +351,7 @@ def bench_pipeline(c) -> list[Result]:
     from fourm.bench.shards import DEFAULT_MODALITIES, make_scene_shards
     from fourm.masking import GrainMasking, MaskingTransform
     from fourm.masking.transform import default_config
-    from fourm.tokenizers.pretokenize import open_shards
+    from fourm.data.shards import open_shards
     from fourm.train import input_pipeline
     from fourm.train.trainer import SelectModalities
 
@@ -413,11 +414,35 @@ def bench_trainer(c) -> list[Result]:
                f"{f['ckpt_blocking_s']} s", **shared)]
 
 
+def bench_integrity(c) -> list[Result]:
+    """Checkpoint durability window (save call -> finalised, with the loop stepping) under the
+    trainer's default policy and fully async, and the shard sha256 verification cost."""
+    from fourm.bench.integrity import durability_window, shard_verification
+
+    g = c.integrity
+    out = []
+    for policy in (1, -1):
+        with tempfile.TemporaryDirectory() as tmp:
+            r = durability_window(Path(tmp) / "ck", state_mib=g.state_mib, work=g.work,
+                                  durable_within_steps=policy, steps=g.steps)
+        out.append(_finish(Result(
+            f"integrity.ckpt_durable.within_{policy}".replace("-", "m"), r["window_s"],
+            note=f"save call -> finalised, {r['state_bytes'] / 2**20:.0f} MiB state; the save blocks "
+                 f"{r['blocked_s']:.3f} s; {r['steps_in_window']} steps ran in the window",
+            extra=r)))
+    s = shard_verification(num_scenes=g.scenes)
+    out.append(_finish(Result("integrity.shard_sha256", s["verify_s"], s["bytes"] / s["verify_s"] / 1e6,
+                              "MB/s", note=f"{s['shards']} shards; open without it "
+                                           f"{s['open_without_s']:.3f} s", extra=s)))
+    return out
+
+
 GROUPS: dict[str, Callable] = {
     "model": bench_model, "train": bench_train, "generate": bench_generate, "tokenizer": bench_tokenizer,
     "ml4m_tokenizer": bench_ml4m_tokenizer,
     "scenes": bench_scenes, "pretokenize": bench_pretokenize, "masking": bench_masking,
-    "pipeline": bench_pipeline, "trainer": bench_trainer, "divae": bench_divae,
+    "pipeline": bench_pipeline, "trainer": bench_trainer, "integrity": bench_integrity,
+    "divae": bench_divae,
 }
 
 

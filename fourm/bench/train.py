@@ -44,7 +44,7 @@ def _main(argv):
     from fourm import modalities as modreg
     from fourm.bench.shards import make_scene_shards
     from fourm.masking import GrainMasking, MaskingTransform
-    from fourm.tokenizers.pretokenize import open_shards
+    from fourm.data.shards import open_shards
     from fourm.train import aot, checkpointing, input_pipeline, trainer
     from fourm.train.mesh import describe, make_mesh
     from fourm.train.optimizer import make_optimizer

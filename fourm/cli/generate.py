@@ -9,8 +9,8 @@
 Writes per sample and target a PNG (depth colour-mapped, normals as colours, segmentation with
 its palette, RGB as is, boxes drawn on the RGB) or a .txt (captions, metadata), a side-by-side
 grid of conditions and outputs (grid.png), the tokens (tokens.npz) and generation.json.
-Names may be short (rgb, depth, normals, semseg, caption, det/boxes, metadata) or the model's
-(tok_depth@64). Conditions: images (.png/.jpg/.bmp/.gif/.tif/.webp), arrays (.npy: token ids
+Names may be short (a registry field or alias: rgb, depth, normals, semseg, caption, det/boxes,
+metadata, or a field you registered, e.g. edges) or the model's (tok_depth@64). Conditions: images (.png/.jpg/.bmp/.gif/.tif/.webp), arrays (.npy: token ids
 or native depth / normals / classes), boxes / metadata (.json), text files (.txt) or literal text.
 Sampling defaults to greedy decoding (fourm.generate.defaults, the same as the quickstart's and the
 notebooks'). Prints the time to load, and to generate split into compile and run; compiled programs
@@ -64,10 +64,6 @@ def define_flags(fv, argv):
                         "config for fourm checkpoints, 4M's rgb2x / x2rgb choice for 4M checkpoints", **d)
     flags.DEFINE_integer("diffusion_steps", 50, "4M DiVAE tokenizers: diffusion steps per decode", **d)
 
-
-SHORT = {"rgb": "rgb", "image": "rgb", "depth": "depth", "normals": "normals", "normal": "normals",
-         "semseg": "semseg", "segmentation": "semseg", "caption": "caption", "text": "caption",
-         "det": "boxes", "boxes": "boxes", "metadata": "metadata"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -148,12 +144,14 @@ def load_image_tokenizer(path: Path):
 def resolve_name(spec, name: str, role: str) -> str:
     """Model modality for a short or full name; conditions prefer pixel inputs (rgb@R) and
     targets token modalities (tok_rgb@R). 4M's stems (normal, det) work too."""
+    from fourm import modalities as registry
     from fourm.generate.inputs import GenerationInputError
 
     if name in spec.names:
         return name
-    source = SHORT.get(name.lower())
-    keys = {name.lower(), source} - {None}
+    field = registry.field_for_name(name)
+    source = field.name if field is not None else name.lower()
+    keys = {source, name.lower()}
     keys |= {"normal" for k in keys if k == "normals"} | {"det" for k in keys if k == "boxes"}
     cands = [m for m in spec.modalities if m.source in keys]
     if role == "target":
@@ -162,9 +160,9 @@ def resolve_name(spec, name: str, role: str) -> str:
         cands = sorted([m for m in cands if m.name in spec.domains_in], key=lambda m: m.kind != "pixels")
     if not cands:
         usable = spec.domains_out if role == "target" else spec.domains_in
-        mine = sorted(k for k, v in SHORT.items() if any(
-            m.source == v and m.name in usable for m in spec.modalities))
-        what = (f"this model has no {role} modality {name!r}" if source else
+        mine = sorted(n for f in registry.fields() for n in (f.name, *f.aliases) if any(
+            m.source == f.name and m.name in usable for m in spec.modalities))
+        what = (f"this model has no {role} modality {name!r}" if field is not None else
                 f"unknown {role} modality {name!r}")
         raise GenerationInputError(f"--{'targets' if role == 'target' else 'cond'}: {what}; its "
                                    f"{role}s are {list(usable)} (short names: {mine})")
@@ -186,14 +184,18 @@ def condition_path(value: str) -> Path | None:
 
 
 def read_condition(mod, value: str, res: int, ml4m: bool = False):
-    """A condition value: a file (image, .npy, .json, .txt) or literal text for sequences.
-    ml4m: RGB images are prepared as 4M does (center crop, bicubic resize to res)."""
+    """A condition value: a file (image, .npy, .json, .txt) or literal text for sequences. Image
+    files decode as the modality's registry field does (`fourm.data.fields`); ml4m: RGB images are
+    prepared as 4M does (center crop, bicubic resize to res)."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    from fourm import modalities as registry
+    from fourm.data import fields
     from fourm.tokenizers import structure
 
     flag = f"--cond {mod.name}={value}"
+    field = registry.field(mod.source) if mod.source in registry.field_names() else None
     p = condition_path(value)
     if p is None:
         if mod.kind == "sequence":
@@ -213,15 +215,20 @@ def read_condition(mod, value: str, res: int, ml4m: bool = False):
             img.load()
         except (UnidentifiedImageError, OSError) as e:
             raise CommandError(f"{flag}: not a readable image ({e})") from None
-        if mod.kind == "pixels" or mod.source == "rgb":
-            return np.asarray(img.convert("RGB"))
-        if mod.source == "normals":
-            from fourm.data.folder import decode_normals
-            return decode_normals(np.asarray(img.convert("RGB")))
-        if mod.source == "depth" and img.mode in ("I", "I;16"):
-            from fourm.data.folder import DEFAULT_DEPTH_SCALE, decode_depth_png16
-            return decode_depth_png16(np.asarray(img), DEFAULT_DEPTH_SCALE)
-        return np.asarray(img)
+        if mod.kind == "pixels" or field is None:
+            return np.asarray(img.convert("RGB") if mod.kind == "pixels" else img)
+        if field.layout in ("image", "normals") and field.decode is None:
+            # Photos come in any mode (RGBA, palette, grey): convert, as for pixel inputs.
+            arr = np.asarray(img.convert({1: "L", 3: "RGB", 4: "RGBA"}[field.channels]))
+            arr = arr[..., None] if arr.ndim == 2 else arr
+            return fields.decode_normals(arr) if field.layout == "normals" else arr
+        if field.layout == "depth" and img.mode not in ("I", "I;16"):
+            return np.asarray(img)
+
+        def fail(problem):  # the field's own decoding and checks, as for a folder's files
+            return CommandError(f"{flag}: {problem}")
+        return fields.decode_value(field, p.read_bytes(), ext[1:], resolution=(img.height, img.width),
+                                   fail=fail)
     if ext == ".npy":
         try:
             arr = np.load(p, allow_pickle=False)
@@ -234,9 +241,10 @@ def read_condition(mod, value: str, res: int, ml4m: bool = False):
             obj = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CommandError(f"{flag}: not valid JSON ({e})") from None
-        if mod.source == "boxes":
+        layout = field.layout if field is not None else None
+        if layout == "boxes":
             return structure.boxes_to_text(obj, (res, res))
-        if mod.source == "metadata":
+        if layout == "json":
             return structure.metadata_to_text(obj)
         raise CommandError(f"{flag}: JSON is only for boxes / metadata")
     if ext == ".txt":
@@ -314,6 +322,7 @@ def picture(mod, native, tokens, rgb=None, text: str | None = None, res: int = 6
     the modality's tokenizer when it draws its own pictures (4M's); ml4m: 4M's box text."""
     import numpy as np
 
+    from fourm import modalities as registry
     from fourm.data import visualize as vis
     from fourm.tokenizers import structure
 
@@ -334,14 +343,17 @@ def picture(mod, native, tokens, rgb=None, text: str | None = None, res: int = 6
         return tok.picture(native)
     if native is None:  # no tokenizer: show the token ids with a palette
         return vis.colorize_semseg(np.asarray(tokens))
-    return {"depth": vis.colorize_depth, "normals": vis.colorize_normals,
-            "semseg": vis.colorize_semseg}.get(mod.source, vis.to_rgb)(native)
+    if mod.source in registry.field_names() and registry.field(mod.source).is_image_like:
+        return vis.picture(mod.source, native)
+    return vis.to_rgb(native)
 
 
 def condition_picture(mod, value, b: int, res: int):
     """(picture or None, text or None) of a given condition for sample b."""
     import numpy as np
 
+    from fourm import modalities as registry
+    from fourm.data import fields
     from fourm.data import visualize as vis
 
     if isinstance(value, str):
@@ -351,9 +363,16 @@ def condition_picture(mod, value, b: int, res: int):
     arr = np.asarray(getattr(value, "value", value))
     if mod.kind == "sequence":
         return None, None
-    batched = arr.ndim == (4 if (mod.kind == "pixels" or mod.source == "normals") else 3)
+    ids = mod.kind == "grid" and np.issubdtype(arr.dtype, np.integer) and \
+        arr.shape[-2:] == tuple(mod.grid)
+    field = registry.field(mod.source) if mod.source in registry.field_names() else None
+    if ids or field is None or not field.is_image_like:
+        one = 2
+    else:
+        one = len(fields.expected_array(field, (1, 1))[0])
+    batched = arr.ndim == (4 if mod.kind == "pixels" else one + 1)
     arr = arr[min(b, arr.shape[0] - 1)] if batched else arr
-    if mod.kind == "pixels" or mod.source == "rgb" and arr.ndim == 3:
+    if mod.kind == "pixels":
         return vis.to_rgb(arr), None
     if np.issubdtype(arr.dtype, np.integer) and arr.shape[:2] == tuple(mod.grid):
         return vis.colorize_semseg(arr), None  # token ids

@@ -4,6 +4,7 @@
     fourm-pretokenize --config configs/pretokenize.py:text,smoke   # no image tokenizers needed
     fourm-pretokenize --config.source.kind=folder --config.source.folder=DIR --config.source.count=-1
     fourm-pretokenize --config.image_tokenizers.tok_depth@64=exports/tok_depth@64
+    fourm-pretokenize --config.augment.enabled=true --config.augment.hflip=0.5   # crops + flips
 
 Rerunning the same command resumes: finished shards are kept, the rest are redone. Prints the
 throughput (samples per second) at the end; it is also stored in the manifest. Each image
@@ -27,6 +28,8 @@ def run(args, F) -> int:
     if len(args) > 1:
         raise app.UsageError(f"unexpected arguments: {args[1:]}")
     import fourm.tokenizers as toks
+    from fourm import modalities as registry
+    from fourm.data.augment import Augment
     from fourm.tokenizers.pretokenize import pretokenize
     from fourm.tokenizers.sources import make_source
     from fourm.tokenizers.text import TextTokenizer
@@ -38,14 +41,15 @@ def run(args, F) -> int:
     source = make_source(cfg.source)
     image_toks = {m: toks.load(p, modality=m, what=f"--config.image_tokenizers.{m}")
                   for m, p in cfg.image_tokenizers.items()}
-    needs_text = any(m in ("caption", "det", "metadata") for m in cfg.modalities)
+    needs_text = any(registry.get(m).kind == "sequence" for m in cfg.modalities)
     text_tok = TextTokenizer.load(cfg.text_tokenizer) if needs_text else None
     manifest = pretokenize(
         source, cfg.out_dir, modalities=list(cfg.modalities), image_tokenizers=image_toks,
         text_tokenizer=text_tok, tokenizer_paths=dict(cfg.image_tokenizers, text=cfg.text_tokenizer),
         shard_size=int(cfg.shard_size), batch_size=int(cfg.batch_size),
         workers=int(cfg.workers), source_info=source.info(), default_size=int(cfg.source.resolution),
-        strict_metadata=bool(cfg.strict_metadata), overwrite=bool(cfg.overwrite))
+        strict_metadata=bool(cfg.strict_metadata), overwrite=bool(cfg.overwrite),
+        augment=Augment.from_config(cfg.get("augment")))
     b = manifest["benchmark"]
     print(f"wrote {manifest['num_records']} samples in {len(manifest['shards'])} shards to "
           f"{cfg.out_dir}")

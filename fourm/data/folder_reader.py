@@ -1,4 +1,8 @@
-"""Reading and validating aligned folders (import `AlignedFolder` from `fourm.data.folder`)."""
+"""Reading and validating aligned folders (import `AlignedFolder` from `fourm.data.folder`).
+
+Which subfolders a folder may have, and how each file decodes, comes from the registry's fields
+(`fourm.modalities`, decoded by `fourm.data.fields`): a registered field is read like a built-in one.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +12,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-from PIL import Image
-
-from fourm.data.folder import (EXTENSIONS, FORMAT_NAME, INTRINSIC_KEYS, MODALITIES, FolderError,
-                               atomic_write_bytes, decode_depth_png16, decode_normals)
-
-# Allowed PIL modes per image modality, with what they mean in words (for error messages).
-_RGB_MODES = {"RGB": "8-bit RGB"}
-_LABEL_MODES = {"L": "8-bit single channel", "P": "8-bit palette"}
-_WIDE_MODES = {"L": "8-bit", "I;16": "16-bit", "I;16B": "16-bit", "I": "32-bit"}
+from fourm import modalities as registry
+from fourm.data import fields
+from fourm.data.fields import FORMAT_NAME, INTRINSIC_KEYS, FolderError
+from fourm.io import PathEscapeError, atomic_write, inside
 
 
 def _load_json_file(path: Path, what: str, sample=None, modality=None):
     raw = _read_bytes(path, sample, modality)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise FolderError(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})", sample=sample,
-                          modality=modality, path=path) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FolderError(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}", sample=sample,
-                          modality=modality, path=path) from None
+    return fields.load_json(raw, what, lambda p: FolderError(p, sample=sample, modality=modality, path=path))
 
 
 def _read_bytes(path: Path, sample, modality) -> bytes:
@@ -66,7 +55,7 @@ class AlignedFolder:
                 raise FolderError(f"modalities {unknown} requested but dataset.json has {sorted(self.exts)}",
                                   path=self.root / "dataset.json")
             self.exts = {m: self.exts[m] for m in modalities}
-        self.modalities = [m for m in MODALITIES if m in self.exts]
+        self.modalities = [m for m in registry.field_names() if m in self.exts]
         self.resolution = tuple(self.spec["resolution"])
         self.intrinsics = self.spec.get("intrinsics")
         self.classes = self.spec.get("classes")
@@ -101,6 +90,10 @@ class AlignedFolder:
         if not path.exists():
             raise FolderError("missing dataset.json (it names the modalities and their file types, the "
                               "resolution and the camera intrinsics; see docs/data_format.md)", path=path)
+        try:
+            inside(self.root, path.name, "dataset.json")
+        except PathEscapeError as e:
+            raise FolderError(e.reason, modality="dataset.json", path=path) from None
         spec = _load_json_file(path, "dataset.json", modality="dataset.json")
 
         def bad(problem):
@@ -113,11 +106,14 @@ class AlignedFolder:
         mods = spec.get("modalities")
         if not isinstance(mods, dict) or not mods:
             raise bad("'modalities' must be a non-empty object {modality: file extension}")
+        exts = fields.extensions()
         for m, ext in mods.items():
-            if m not in EXTENSIONS:
-                raise bad(f"unknown modality {m!r}; known: {MODALITIES}")
-            if ext not in EXTENSIONS[m]:
-                raise bad(f"modality {m!r} has extension {ext!r}; allowed: {list(EXTENSIONS[m])}")
+            if m not in exts:
+                raise bad(f"unknown modality {m!r}; known: {list(exts)} (register a field for it in "
+                          f"a module named by the config field `modules`; see the README, 'Your own "
+                          f"modality')")
+            if ext not in exts[m]:
+                raise bad(f"modality {m!r} has extension {ext!r}; allowed: {list(exts[m])}")
         res = spec.get("resolution")
         if not (isinstance(res, list) and len(res) == 2 and all(isinstance(r, int) and r > 0 for r in res)):
             raise bad(f"'resolution' must be [height, width] in pixels, got {res!r}")
@@ -193,7 +189,7 @@ class AlignedFolder:
     def write_report(self, path: str | os.PathLike) -> Path:
         report = {"folder": str(self.root), "kept": len(self.stems), "skipped": len(self.skipped),
                   "samples": [e.to_json() for e in self.skipped]}
-        atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+        atomic_write(path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
         return Path(path)
 
     # --- samples --------------------------------------------------------------------------------
@@ -227,100 +223,11 @@ class AlignedFolder:
         def fail(problem):
             return FolderError(problem, sample=stem, modality=mod, path=path)
 
-        h, w = self.resolution
-        if ext == "npy":
-            arr = self._load_npy(path, fail)
-            shape = (h, w) if mod == "depth" else (h, w, 3)
-            if arr.dtype != np.float32:
-                raise fail(f"wrong dtype: expected float32, got {arr.dtype}")
-            if arr.shape != shape:
-                raise fail(f"wrong shape: expected {shape}, got {arr.shape}")
-            self._check_finite(arr, fail, mod)
-            if mod == "depth" and (arr < 0).any():
-                raise fail(f"{int((arr < 0).sum())} negative depth values")
-            return arr
-        if ext in ("png", "jpg", "jpeg"):
-            modes = {"rgb": _RGB_MODES, "normals": _RGB_MODES, "semseg": _LABEL_MODES}.get(mod, _WIDE_MODES)
-            arr = self._load_image(path, modes, (h, w), fail)
-            if mod == "rgb":
-                return arr
-            if mod == "normals":
-                return arr if raw else decode_normals(arr)
-            if mod == "semseg":
-                if self.classes and arr.max(initial=0) >= len(self.classes):
-                    raise fail(f"class id {int(arr.max())} >= number of classes {len(self.classes)} "
-                               "in dataset.json")
-                return arr.astype(np.uint8)
-            if mod == "instance":
-                if arr.min(initial=0) < 0:
-                    raise fail("negative instance ids")
-                return arr.astype(np.int32)
-            # depth as a 16-bit PNG
-            if arr.dtype != np.uint16 and arr.dtype != np.uint8:
-                raise fail(f"wrong dtype: a depth PNG must be 16-bit, got {arr.dtype}")
-            return decode_depth_png16(arr, self.depth_scale)
-        if mod == "caption":
-            data = _read_bytes(path, stem, mod)
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise fail(f"text is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            return text[:-1] if text.endswith("\n") else text
-        obj = _load_json_file(path, "JSON file", stem, mod)
-        if mod == "metadata":
-            if not isinstance(obj, dict):
-                raise fail(f"expected a JSON object, got {type(obj).__name__}")
-            return obj
-        return self._check_boxes(obj, fail)
+        try:  # a symlink (or '..') must not make a dataset read files outside itself
+            inside(self.root, Path(mod) / path.name, "file")
+        except PathEscapeError as e:
+            raise fail(e.reason) from None
 
-    def _check_boxes(self, boxes, fail):
-        h, w = self.resolution
-        if not isinstance(boxes, list):
-            raise fail(f"expected a JSON list of boxes, got {type(boxes).__name__}")
-        for j, b in enumerate(boxes):
-            if not isinstance(b, dict) or not isinstance(b.get("class"), str):
-                raise fail(f"box {j}: expected an object with a string 'class', got {b!r}")
-            box = b.get("box")
-            numbers = isinstance(box, list) and all(isinstance(v, (int, float)) for v in box)
-            if not (numbers and len(box) == 4):
-                raise fail(f"box {j}: 'box' must be [x0, y0, x1, y1] numbers, got {box!r}")
-            x0, y0, x1, y1 = box
-            if not (0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h):
-                raise fail(f"box {j}: {box} is not inside the {w}x{h} image with x0 <= x1, y0 <= y1")
-        return boxes
-
-    @staticmethod
-    def _load_npy(path, fail) -> np.ndarray:
-        try:
-            return np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise fail(f"unreadable .npy file: {e}") from None
-
-    @staticmethod
-    def _check_finite(arr, fail, mod):
-        bad = ~np.isfinite(arr)
-        if bad.any():
-            idx = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise fail(f"{int(bad.sum())} NaN/inf values in {mod} (first at {idx})")
-
-    @staticmethod
-    def _load_image(path, modes, size, fail) -> np.ndarray:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as img:
-                    img.load()
-                    mode, (w, h) = img.mode, img.size
-                    if mode not in modes:
-                        allowed = " or ".join(f"{m} ({d})" for m, d in modes.items())
-                        raise fail(f"wrong channels/dtype: expected {allowed} "
-                                   f"image, got mode {mode!r}")
-                    arr = np.array(img)
-        except FolderError:
-            raise
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-                Image.DecompressionBombWarning) as e:
-            raise fail(f"unreadable image: {e}") from None
-        if (h, w) != size:
-            raise fail(f"wrong size: expected {size[0]}x{size[1]} (HxW), got {h}x{w}")
-        return arr
+        return fields.decode_value(registry.field(mod), _read_bytes(path, stem, mod), ext,
+                                   resolution=self.resolution, fail=fail, raw=raw,
+                                   depth_scale=self.depth_scale, classes=self.classes)

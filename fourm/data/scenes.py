@@ -41,6 +41,8 @@ from fourm.data import captions as captions_lib
 from fourm.data import folder as folder_lib
 from fourm.data import render as render_lib
 
+# The registry fields every generated scene carries (plus its "intrinsics").
+FIELDS = ("rgb", "depth", "normals", "semseg", "instance", "boxes", "caption", "metadata")
 CLASSES = ["background", "floor", "wall", "sphere", "cube", "cylinder", "cone"]
 NUM_CLASSES = len(CLASSES)
 SHAPES = ["sphere", "cube", "cylinder", "cone"]
@@ -300,7 +302,7 @@ def export_scenes(root: str | os.PathLike, seed: int, start: int, num: int, reso
     stems are the zero-padded scene indices). Returns the path of dataset.json."""
     root = Path(root)
     _prepare_output(root, overwrite)
-    exts = {m: folder_lib.EXTENSIONS[m][0] for m in folder_lib.MODALITIES}
+    exts = folder_lib.default_exts(FIELDS)
     exts["depth"] = {"npy": "npy", "png16": "png"}[depth_format]
     width = max(6, len(str(start + num - 1)))
     fn = functools.partial(_generate_and_write, seed=seed, resolution=resolution, config=config,
@@ -332,6 +334,6 @@ def _prepare_output(root: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{root} is not empty" + ("; pass overwrite=True (--overwrite) to replace it"
                               if ours else " and was not written by fourm-scenes; choose an empty folder"))
     spec_path.unlink()
-    for mod in folder_lib.MODALITIES:
+    for mod in FIELDS:
         if (root / mod).is_dir():
             shutil.rmtree(root / mod)

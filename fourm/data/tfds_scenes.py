@@ -14,7 +14,8 @@ float64 to float32). Records are written in sample order (`disable_shuffling`), 
 Stored features (H, W from the dataset): stem (text), rgb uint8 [H, W, 3] (PNG), depth float32
 [H, W] (metres, zlib), normals uint8 [H, W, 3] (PNG, the folder's encoding; float32 if the folder
 stores .npy normals), semseg uint8 [H, W, 1] (PNG), instance int32 [H, W] (zlib), boxes / metadata
-(JSON text), caption (text), intrinsics float64 [4] = fx, fy, cx, cy. `record_to_sample` turns a
+(JSON text), caption (text), intrinsics float64 [4] = fx, fy, cx, cy; a registered field by its layout
+(images PNG, arrays zlib, JSON as text). `record_to_sample` turns a
 raw record into the `generate_scene` dict. The dataset's dataset.json travels in
 `builder.info.metadata` (classes, conventions, source).
 """
@@ -32,6 +33,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from fourm import modalities as registry
+from fourm.data import fields as fields_lib
 from fourm.data import folder as folder_lib
 from fourm.data import scenes as scenes_lib
 
@@ -39,28 +42,27 @@ DATASET_VERSION = "1.0.0"
 _ZLIB = tfds.features.Encoding.ZLIB
 
 
+def _feature(f: registry.Field, ext: str, h: int, w: int):
+    if not f.is_image_like:  # boxes, metadata, text: JSON text or text
+        return tfds.features.Text()
+    shape, dtype = fields_lib.expected_array(f, (h, w))
+    if f.layout == "normals" and ext == "png":  # stored as the folder's uint8 encoding
+        return tfds.features.Image(shape=(h, w, 3), dtype=np.uint8, encoding_format="png")
+    if f.layout == "image":
+        return tfds.features.Image(shape=shape, dtype=np.uint8, encoding_format="png")
+    if f.layout == "labels":
+        return tfds.features.Image(shape=(h, w, 1), dtype=np.uint8, encoding_format="png")
+    return tfds.features.Tensor(shape=shape, dtype=dtype, encoding=_ZLIB)
+
+
 def features_for(resolution, exts: Mapping[str, str],
                  with_intrinsics: bool = True) -> tfds.features.FeaturesDict:
-    """The feature spec of a dataset with these modalities (`exts` as in dataset.json)."""
+    """The feature spec of a dataset with these fields (`exts` as in dataset.json)."""
     h, w = resolution
     spec: dict[str, Any] = {"stem": tfds.features.Text()}
-    for mod in folder_lib.MODALITIES:
-        if mod not in exts:
-            continue
-        if mod == "rgb":
-            spec[mod] = tfds.features.Image(shape=(h, w, 3), dtype=np.uint8, encoding_format="png")
-        elif mod == "depth":
-            spec[mod] = tfds.features.Tensor(shape=(h, w), dtype=np.float32, encoding=_ZLIB)
-        elif mod == "normals" and exts[mod] == "png":
-            spec[mod] = tfds.features.Image(shape=(h, w, 3), dtype=np.uint8, encoding_format="png")
-        elif mod == "normals":
-            spec[mod] = tfds.features.Tensor(shape=(h, w, 3), dtype=np.float32, encoding=_ZLIB)
-        elif mod == "semseg":
-            spec[mod] = tfds.features.Image(shape=(h, w, 1), dtype=np.uint8, encoding_format="png")
-        elif mod == "instance":
-            spec[mod] = tfds.features.Tensor(shape=(h, w), dtype=np.int32, encoding=_ZLIB)
-        else:  # boxes, caption, metadata
-            spec[mod] = tfds.features.Text()
+    for f in registry.fields():
+        if f.name in exts:
+            spec[f.name] = _feature(f, exts[f.name], h, w)
     if with_intrinsics:
         spec["intrinsics"] = tfds.features.Tensor(shape=(4,), dtype=np.float64,
                                                   encoding=tfds.features.Encoding.BYTES)
@@ -71,26 +73,22 @@ def sample_to_example(stem: str, sample: Mapping[str, Any], normals_png: bool = 
     """A sample dict (normals as float unit vectors or, raw, as uint8) -> a TFDS example."""
     ex: dict[str, Any] = {"stem": stem}
     for mod, value in sample.items():
-        if mod == "rgb":
-            ex[mod] = Image.fromarray(np.asarray(value, np.uint8))
-        elif mod == "depth":
-            ex[mod] = np.asarray(value, np.float32)
-        elif mod == "normals":
-            if normals_png:
-                u8 = value if value.dtype == np.uint8 else folder_lib.encode_normals(value)
-                ex[mod] = Image.fromarray(u8)
-            else:
-                ex[mod] = np.asarray(value, np.float32)
-        elif mod == "semseg":
-            ex[mod] = Image.fromarray(np.asarray(value, np.uint8))
-        elif mod == "instance":
-            ex[mod] = np.asarray(value, np.int32)
-        elif mod in ("boxes", "metadata"):
-            ex[mod] = json.dumps(value, ensure_ascii=False, allow_nan=False)
-        elif mod == "caption":
-            ex[mod] = value
-        elif mod == "intrinsics":
+        if mod == "intrinsics":
             ex[mod] = np.array([value[k] for k in folder_lib.INTRINSIC_KEYS], np.float64)
+            continue
+        f = registry.field(mod)
+        if f.layout == "normals" and normals_png:
+            u8 = value if value.dtype == np.uint8 else folder_lib.encode_normals(value)
+            ex[mod] = Image.fromarray(u8)
+        elif f.layout in ("image", "labels"):
+            arr = np.asarray(value, np.uint8)
+            ex[mod] = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+        elif f.is_image_like:
+            ex[mod] = np.asarray(value, fields_lib.expected_array(f, np.shape(value)[:2])[1])
+        elif f.layout in ("boxes", "json"):
+            ex[mod] = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        else:
+            ex[mod] = value
     return ex
 
 
@@ -104,19 +102,21 @@ def record_to_sample(record: Mapping[str, Any]) -> dict:
     for mod, value in record.items():
         if mod == "stem":
             continue
-        if mod == "normals":
-            out[mod] = folder_lib.decode_normals(value) if value.dtype == np.uint8 else value
-        elif mod == "semseg":
-            out[mod] = value[..., 0]
-        elif mod in ("boxes", "metadata"):
-            out[mod] = json.loads(_text(value))
-        elif mod == "caption":
-            out[mod] = _text(value)
-        elif mod == "intrinsics":
+        if mod == "intrinsics":
             out[mod] = {k: float(v) for k, v in zip(folder_lib.INTRINSIC_KEYS, value)}
+            continue
+        f = registry.field(mod)
+        if f.layout == "normals":
+            out[mod] = folder_lib.decode_normals(value) if value.dtype == np.uint8 else value
+        elif f.layout == "labels":
+            out[mod] = value[..., 0]
+        elif f.layout in ("boxes", "json"):
+            out[mod] = json.loads(_text(value))
+        elif f.layout == "text":
+            out[mod] = _text(value)
         else:
             out[mod] = value
-    return {m: out[m] for m in [*folder_lib.MODALITIES, "intrinsics"] if m in out}
+    return {m: out[m] for m in [*registry.field_names(), "intrinsics"] if m in out}
 
 
 class _ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -197,7 +197,7 @@ class ScenesBuilder(_ArrayRecordBuilder):
                  splits: Mapping[str, tuple[int, int]] = (("train", (0, 1000)),), workers: int = 1,
                  config: scenes_lib.SceneConfig = scenes_lib.SceneConfig(), name: str = "fourm_scenes"):
         splits = dict(splits)
-        exts = {m: folder_lib.EXTENSIONS[m][0] for m in folder_lib.MODALITIES}
+        exts = folder_lib.default_exts(scenes_lib.FIELDS)
         end = max(s + n for s, n in splits.values())
         width = max(6, len(str(end - 1)))
 

@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from fourm import modalities as registry
 from fourm.data.folder import atomic_write_bytes
 
 # Depth colour map: a perceptually ordered ramp from bright yellow (near) through orange, magenta
@@ -188,19 +189,30 @@ def save_png(path: str | os.PathLike, arr: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def colorize_array(arr: np.ndarray) -> np.ndarray:
+    """A float array [H, W] or [H, W, C] -> uint8 grey (first channel), min..max stretched."""
+    a = np.asarray(arr, np.float64)
+    a = a[..., 0] if a.ndim == 3 else a
+    finite = np.isfinite(a)
+    lo, hi = (a[finite].min(), a[finite].max()) if finite.any() else (0.0, 1.0)
+    return to_rgb(np.where(finite, (a - lo) / max(hi - lo, 1e-12), 0.0))
+
+
+def picture(field: str, value) -> np.ndarray:
+    """The picture of an image-like field's value, by its registry layout."""
+    layout = registry.field(field).layout
+    draw = {"depth": colorize_depth, "normals": colorize_normals, "labels": colorize_semseg,
+            "instances": colorize_instance, "array": colorize_array}.get(layout, to_rgb)
+    return draw(value)
+
+
 def sample_row(sample: Mapping, scale: int = 1) -> tuple[list[np.ndarray], list[str]]:
-    """The viewer's pictures of one sample (modalities present, in a fixed order) and titles."""
+    """The viewer's pictures of one sample (its image-like fields in registry order, then the
+    boxes drawn on the RGB) and titles."""
     pics, titles = [], []
-    if "rgb" in sample:
-        pics.append(sample["rgb"]); titles.append("rgb")
-    if "depth" in sample:
-        pics.append(colorize_depth(sample["depth"])); titles.append("depth")
-    if "normals" in sample:
-        pics.append(colorize_normals(sample["normals"])); titles.append("normals")
-    if "semseg" in sample:
-        pics.append(colorize_semseg(sample["semseg"])); titles.append("semseg")
-    if "instance" in sample:
-        pics.append(colorize_instance(sample["instance"])); titles.append("instance")
+    for f in registry.fields():
+        if f.name in sample and f.is_image_like:
+            pics.append(picture(f.name, sample[f.name])); titles.append(f.name)
     if "boxes" in sample and "rgb" in sample:
         big = np.asarray(Image.fromarray(to_rgb(sample["rgb"])).resize(
             (sample["rgb"].shape[1] * scale, sample["rgb"].shape[0] * scale), Image.NEAREST))

@@ -26,6 +26,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from fourm.io import inside
 from fourm.modalities import Modality
 
 FORMAT, VERSION = "fourm", 1
@@ -189,7 +190,7 @@ def save_pretrained(model: nnx.Module, cfg: Any, directory: str | os.PathLike) -
 
 
 def read_config(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / CONFIG_FILE
+    path = inside(directory, CONFIG_FILE, "checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (a fourm checkpoint has {CONFIG_FILE} + {WEIGHTS_FILE})")
     try:
@@ -226,6 +227,6 @@ def load_pretrained(directory: str | os.PathLike, overrides: Mapping[str, Any] |
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{directory / CONFIG_FILE}: {e}") from e
     model = nnx.eval_shape(lambda: FourM(spec, rngs=nnx.Rngs(0)))
-    tensors, _ = read_safetensors(directory / WEIGHTS_FILE)
+    tensors, _ = read_safetensors(inside(directory, WEIGHTS_FILE, "checkpoint file"))
     assign_params(model, tensors, str(directory / WEIGHTS_FILE))
     return model

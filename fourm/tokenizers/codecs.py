@@ -5,7 +5,7 @@ contract (checked in Python, with errors naming expected vs got), the normalisat
 network's input (pure JAX, so it is traced into the jitted and exported encode), the inverse
 from the decoder output back to native values, and the loss. A new image-like modality is a
 config naming one of these codecs (`codec.kind`) with its parameters; a new *kind* of data is a
-new class registered in `CODECS`.
+new class registered with `register_codec` (from a user's module, see `fourm.modalities`).
 
 Depth normalisation (decided here, documented in the exported config): tokens see
 `log(depth)` mapped linearly from `[log min_depth, log max_depth]` to [-1, 1]. A fixed global range
@@ -231,6 +231,17 @@ class ClassesCodec(Codec):
 
 
 CODECS = {c.kind: c for c in (ImageCodec, DepthCodec, NormalsCodec, ClassesCodec)}
+
+
+def register_codec(cls: type[Codec]) -> type[Codec]:
+    """Add a codec class (a new kind of data) under `cls.kind`; usable as a class decorator in a
+    user's module named by the config field `modules`, then as `codec.kind` in tokenizer configs."""
+    if not (isinstance(cls, type) and issubclass(cls, Codec)) or not cls.kind:
+        raise ValueError(f"register_codec takes a Codec subclass with a `kind`, got {cls!r}")
+    if CODECS.get(cls.kind, cls) is not cls:
+        raise ValueError(f"codec kind {cls.kind!r} is already registered ({CODECS[cls.kind].__name__})")
+    CODECS[cls.kind] = cls
+    return cls
 
 
 def make_codec(cfg) -> Codec:

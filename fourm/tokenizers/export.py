@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fourm.compat.ml4m_tokenizers import artifact as ml4m_artifact
+from fourm.io import inside
 from fourm.tokenizers.image import (FORMAT_VERSION, ImageTokenizer, abstract_model, make_pure_fns,
                                     unflatten_into)
 
@@ -157,7 +158,7 @@ def load_export(path):
     """An exported artifact as an `ImageTokenizer` (weights checked against the config), or, for
     family "ml4m", as a 4M tokenizer (`fourm.compat.ml4m_tokenizers.load.Tokenizer`)."""
     path = Path(path)
-    missing = [f for f in FILES if not (path / f).exists()]
+    missing = [f for f in FILES if not inside(path, f, "tokenizer export file").exists()]
     if missing:
         raise FileNotFoundError(f"{path} is not a complete tokenizer export: missing {missing}")
     spec = json.loads((path / "config.json").read_text())

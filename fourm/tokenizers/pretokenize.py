@@ -1,7 +1,7 @@
 """Pre-tokenization: a multimodal dataset -> ArrayRecord shards of per-sample token arrays.
 
-One ArrayRecord record = one sample = `safetensors.numpy.save({modality: array})` bytes (no
-pickle). Keys are registry modality names:
+The format (records, manifest, reading and verifying) lives in `fourm.data.shards`; this module
+writes it. One ArrayRecord record = one sample; keys are registry modality names:
 
   grid modalities      ('tok_rgb@64', ...)   int16 [gh, gw] (int32 if the vocabulary needs it)
   pixel modalities     ('rgb@64')            uint8 [H, W, 3], the raw image
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -30,19 +31,18 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
-from safetensors.numpy import load as _st_load, save as _st_save
 from tqdm import tqdm
 
 from fourm import modalities as registry
+from fourm.data.augment import Augment, image_size
+from fourm.data.shards import (FORMAT, MANIFEST, SHARD_SUFFIX, WRITER_OPTIONS, encode_record,
+                               sha256_file, shard_name)
+# Readers' names, kept importable from here for callers written before fourm.data.shards.
+from fourm.data.shards import decode_record, open_shards, read_manifest  # noqa: F401
 from fourm.io import atomic_write
 from fourm.tokenizers import structure
 
-FORMAT = "fourm.pretokenized/1"
-MANIFEST = "manifest.json"
 WORK_DIR = ".work"
-SHARD_SUFFIX = ".array_record"
-# group_size:1 = one record per chunk, the layout grain wants for fast random access.
-WRITER_OPTIONS = "group_size:1"
 
 
 class ImageTokenizerLike(Protocol):
@@ -55,32 +55,9 @@ class ImageTokenizerLike(Protocol):
     def encode(self, batch: np.ndarray) -> np.ndarray: ...
 
 
-# ------------------------------------------------------------------------------------ records
-def encode_record(arrays: Mapping[str, np.ndarray]) -> bytes:
-    # np.array(copy order C), not np.ascontiguousarray: the latter turns 0-d arrays into 1-d.
-    return _st_save({k: np.array(v, order="C") for k, v in arrays.items()})
-
-
-def decode_record(data: bytes) -> dict[str, np.ndarray]:
-    """One record's bytes -> {modality name: array} (plus '_index')."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"decode_record takes the record's bytes, got {type(data).__name__}")
-    try:
-        return dict(_st_load(bytes(data)))
-    except Exception as e:  # safetensors raises its own error type for malformed headers
-        raise ValueError(f"record is not a valid safetensors blob ({len(data)} bytes): {e}") from None
-
-
-def shard_name(k: int, n: int) -> str:
-    return f"shard-{k:05d}-of-{n:05d}{SHARD_SUFFIX}"
-
-
 # ------------------------------------------------------------------------------------ sample -> text
 def _image_size(sample: Mapping[str, Any], default: int) -> tuple[int, int]:
-    for key in ("rgb", "depth", "semseg"):
-        if key in sample:
-            return tuple(np.shape(sample[key])[:2])
-    return (default, default)
+    return image_size(sample) or (default, default)
 
 
 def sample_text(source_field: str, sample: Mapping[str, Any], *, bins: int,
@@ -88,10 +65,11 @@ def sample_text(source_field: str, sample: Mapping[str, Any], *, bins: int,
     """The text a sequence modality tokenizes, made from the sample's `source_field`."""
     if source_field not in sample and not (source_field == "palette" and "rgb" in sample):
         raise KeyError(f"sample has no field {source_field!r} (fields: {sorted(sample)})")
-    if source_field == "boxes":
-        return structure.boxes_to_text(sample["boxes"], _image_size(sample, default_size), bins)
-    if source_field == "metadata":
-        return structure.metadata_to_text(sample["metadata"], bins=bins, strict=strict_metadata)
+    layout = registry.field(source_field).layout if source_field in registry.field_names() else None
+    if layout == "boxes":  # by layout: a registered field of boxes becomes text like "boxes"
+        return structure.boxes_to_text(sample[source_field], _image_size(sample, default_size), bins)
+    if layout == "json":
+        return structure.metadata_to_text(sample[source_field], bins=bins, strict=strict_metadata)
     if source_field == "palette":
         pal = sample.get("palette")
         pal = structure.palette_from_image(np.asarray(sample["rgb"])) if pal is None else pal
@@ -203,18 +181,22 @@ def tokenize_batch(batch: Sequence[Mapping[str, Any]], specs: Mapping[str, dict]
 
 
 class _Fetch:
-    """Picklable `indices -> [(index, sample)]` for worker processes."""
+    """Picklable `indices -> [(index, sample)]` for worker processes (augmented in the worker,
+    deterministically in (augment.seed, index))."""
 
-    def __init__(self, source):
-        self.source = source
+    def __init__(self, source, augment: Augment | None = None):
+        self.source, self.augment = source, augment
 
     def __call__(self, indices: Sequence[int]):
-        return [(i, self.source[i]) for i in indices]
+        if self.augment is None:
+            return [(i, self.source[i]) for i in indices]
+        return [(i, self.augment(self.source[i], i)) for i in indices]
 
 
-def _sample_iter(source, indices: Sequence[int], pool, workers: int, chunk: int = 4) -> Iterator[dict]:
+def _sample_iter(source, indices: Sequence[int], pool, workers: int, chunk: int = 4,
+                 augment: Augment | None = None) -> Iterator[dict]:
     """Samples in index order; with a pool, a bounded window of chunks is generated ahead."""
-    fetch = _Fetch(source)
+    fetch = _Fetch(source, augment)
     chunks = [indices[i:i + chunk] for i in range(0, len(indices), chunk)]
     if pool is None:
         results = map(fetch, chunks)
@@ -243,7 +225,7 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                 source_info: Mapping[str, Any] | None = None,
                 tokenizer_paths: Mapping[str, str] | None = None, family: str = "fourm",
                 default_size: int = 64, strict_metadata: bool = True, overwrite: bool = False,
-                progress: bool = True,
+                progress: bool = True, augment: Augment | None = None,
                 fail_after_shards: int | None = None) -> dict:
     """Tokenize every sample of `source` (len + random access) into shards; returns the manifest.
 
@@ -269,6 +251,8 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                shard_size=shard_size, modalities=specs,
                value_bins=getattr(text_tokenizer, "value_bins", None), strict_metadata=strict_metadata,
                metadata_spec=_fingerprint({k: vars(v) for k, v in structure.METADATA_SPEC.items()}))
+    if augment is not None:  # (absent, not None, without it: fingerprints of earlier runs hold)
+        run["augment"] = dataclasses.asdict(augment)
     # Tokenizer identity is (version, config_hash); where a tokenizer lives does not matter.
     fingerprint = _fingerprint(dict(run, modalities={
         n: {k: v for k, v in s.items() if k != "tokenizer"} | dict(tokenizer={
@@ -304,7 +288,10 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
     pool = None
     if workers > 0 and todo:
         # spawn, not fork: the parent holds JAX runtime threads, which fork would clone broken.
-        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        # Spawned workers start bare: they import the user's registration modules first.
+        pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=registry.load_modules,
+                                      initargs=(registry.loaded_modules(),))
     bar = tqdm(total=total, initial=done_samples, unit="sample", desc="pretokenize",
                disable=not progress)
     t0, processed = time.perf_counter(), 0
@@ -316,7 +303,8 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
             writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
             lengths: dict[str, list[int]] = {n: [] for n, s in specs.items() if s["kind"] == "sequence"}
             try:
-                for batch in _batches(_sample_iter(source, range(lo, hi), pool, workers), batch_size):
+                for batch in _batches(_sample_iter(source, range(lo, hi), pool, workers,
+                                                         augment=augment), batch_size):
                     records = tokenize_batch(batch, specs, image_tokenizers, text_tokenizer,
                                              batch_size=batch_size, default_size=default_size,
                                              strict_metadata=strict_metadata)
@@ -352,7 +340,7 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                           over_max_length=seq[n]["over_max_length"] + v["over_max_length"])
         shards.append(dict(file=path.name, num_records=st["num_records"],
                            first_index=st["first_index"], bytes=path.stat().st_size,
-                           sha256=_sha256(path)))
+                           sha256=sha256_file(path)))
     for n, v in seq.items():
         specs[n]["lengths"] = dict(max=v["max"], mean=v["sum"] / total,
                                    over_max_length=v["over_max_length"])
@@ -364,85 +352,7 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                     benchmark=dict(samples=processed, seconds=round(seconds, 3),
                                    samples_per_second=round(rate, 2), workers=workers,
                                    batch_size=batch_size))
+    if augment is not None:
+        manifest["augment"] = run["augment"]
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------------ reading
-class DecodedSource:
-    """Random-access source of decoded records (grain's RandomAccessDataSource protocol)."""
-
-    def __init__(self, raw):
-        self.raw = raw
-
-    def __len__(self) -> int:
-        return len(self.raw)
-
-    def __getitem__(self, i) -> dict[str, np.ndarray]:
-        return decode_record(self.raw[i])
-
-    def __repr__(self) -> str:
-        return f"DecodedSource({self.raw!r})"
-
-
-def read_manifest(directory: str | os.PathLike) -> dict:
-    d = Path(directory)
-    path = d / MANIFEST
-    if not d.is_dir():
-        raise FileNotFoundError(f"pre-tokenized dataset directory {d} does not exist")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {d} is not a finished pre-tokenized dataset "
-                                f"(the manifest is written last; rerun fourm-pretokenize to finish)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, this code reads {FORMAT!r}")
-    for key in ("shards", "modalities", "num_records"):
-        if key not in manifest:
-            raise ValueError(f"{path} lacks field {key!r}")
-    return manifest
-
-
-def open_shards(directory: str | os.PathLike, *, decode: bool = False, verify: bool = False):
-    """(grain ArrayRecordDataSource over the shards, manifest); `decode=True` wraps it in
-    `DecodedSource`. Checks that the manifest and the files agree (names, sizes, record counts;
-    sha256 too with verify=True) and refuses shards the manifest does not list."""
-    import grain
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    d = Path(directory)
-    manifest = read_manifest(d)
-    listed = [s["file"] for s in manifest["shards"]]
-    unlisted = sorted(p.name for p in d.glob(f"*{SHARD_SUFFIX}") if p.name not in set(listed))
-    if unlisted:
-        raise ValueError(f"{d} has shard files not listed in its manifest: {unlisted} (left by "
-                         f"another run?); remove them or re-run fourm-pretokenize")
-    if not listed:
-        raise ValueError(f"{d / MANIFEST} lists no shards")
-    for s in manifest["shards"]:
-        p = d / s["file"]
-        if not p.is_file():
-            raise FileNotFoundError(f"shard {p} listed in {d / MANIFEST} is missing")
-        if p.stat().st_size != s["bytes"]:
-            raise ValueError(f"shard {p} has {p.stat().st_size} bytes, manifest says {s['bytes']}")
-        if verify and _sha256(p) != s["sha256"]:
-            raise ValueError(f"shard {p} does not match the sha256 in the manifest")
-        reader = ArrayRecordReader(str(p))
-        n = reader.num_records()
-        reader.close()
-        if n != s["num_records"]:
-            raise ValueError(f"shard {p} has {n} records, manifest says {s['num_records']}")
-    raw = grain.sources.ArrayRecordDataSource([str(d / f) for f in listed])
-    if len(raw) != manifest["num_records"]:
-        raise ValueError(f"{d}: shards hold {len(raw)} records, manifest says {manifest['num_records']}")
-    return (DecodedSource(raw) if decode else raw), manifest

@@ -33,7 +33,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
 
-from fourm.io import atomic_write
+from fourm.io import atomic_write, inside
 
 VERSION = "fourm.text/1"
 MODEL_FILE = "text.model"
@@ -276,7 +276,7 @@ class TextTokenizer:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "TextTokenizer":
         d = Path(directory)
-        model, side = d / MODEL_FILE, d / SIDECAR_FILE
+        model, side = inside(d, MODEL_FILE, "text tokenizer"), inside(d, SIDECAR_FILE, "text tokenizer")
         for p in (model, side):
             if not p.is_file():
                 raise FileNotFoundError(f"text tokenizer: {p} is missing (train one with "

@@ -1,6 +1,7 @@
 """The grain input pipeline: pre-tokenized ArrayRecord shards -> masked, batched, per-process data.
 
-    source (random access, one record per scene)
+    source (random access, one record per scene: `fourm.data.shards.open_shards`, checked
+            against the manifest's sha256 before the first step)
       -> shuffle(seed), reshuffled each epoch, repeated forever
       -> decode record bytes -> {modality: tokens}
       -> masking transform (random map: rng from (seed, global example index))

@@ -8,7 +8,14 @@ Guarantees (each one tested):
   and masks are a pure function of (seed, global example index), grain's iterator position is
   checkpointed, and the resumed process runs the same compiled program (its fingerprint is saved
   with every checkpoint and compared on resume).
-* SIGTERM (preemption) saves at the next step boundary and returns normally (exit status 0).
+* SIGTERM (preemption) saves at the next step boundary and returns normally (exit status 0),
+  also when it arrives during start-up (then at the first step boundary, before any step).
+* Integrity: shards are checked against their manifest's sha256 before the first step; a
+  checkpoint whose arrays fail their checksums or hold NaN/Inf is set aside and the previous one
+  used (fourm.train.checkpointing); a model with non-finite parameters is never exported.
+* Metrics: each step appears once in metrics.jsonl and TensorBoard across any number of resumes
+  (rows after the restored step are dropped), and a checkpoint step's rows are written before
+  its checkpoint, so a resume never lacks them.
 * A multi-process run computes on the same global batches as a one-process run.
 """
 
@@ -32,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fourm import config as config_lib
 from fourm import modalities as modreg
+from fourm.data.shards import decode_record, open_shards
 from fourm.masking import GrainMasking, MaskingTransform
 from fourm.train import checkpointing, input_pipeline, metrics as metrics_lib, step as step_lib
 from fourm.train.mesh import describe as describe_mesh, make_mesh
@@ -114,7 +122,6 @@ class SelectModalities:
         self.names = list(names)
 
     def __call__(self, data):
-        from fourm.tokenizers.pretokenize import decode_record
         rec = decode_record(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
         return {n: rec[n] for n in self.names}
 
@@ -228,6 +235,10 @@ def export_model(graphdef, state, config, directory: Path) -> None:
     from fourm.model.pretrained import save_pretrained
 
     params, rest = state["params"], state["rest"]
+    _, bad = checkpointing.array_checksums(params)
+    if bad:  # never hand out a broken model as a finished one
+        raise NonFiniteError(f"not exporting to {directory}: parameters hold NaN/Inf values: "
+                             f"{dict(list(bad.items())[:4])}")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         params, rest = multihost_utils.process_allgather((params, rest), tiled=True)
@@ -270,6 +281,16 @@ class PreemptionWatch:
 # The story.
 # ------------------------------------------------------------------------------------------------
 def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> TrainResult:
+    # First of all: a SIGTERM during start-up (reading data, compiling) then stops the run cleanly
+    # at its first step boundary instead of killing it (exit 143).
+    preempt = PreemptionWatch()
+    try:
+        return _train(config, workdir, preempt)
+    finally:
+        preempt.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str | None, preempt: PreemptionWatch) -> TrainResult:
     config = ml_collections.ConfigDict(config.to_dict())  # private copy: we resolve fields in it
     check_config(config, jax.device_count())  # before anything is read or written
     workdir = Path(workdir or config.workdir).absolute()
@@ -290,11 +311,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trai
     log.info("mesh %s", describe_mesh(mesh))
 
     # ---------------------------------------------------------------- input
-    from fourm.tokenizers.pretokenize import open_shards
     if not config.data.dir:
         raise ConfigError("config.data.dir is empty: point it at pre-tokenized shards "
                           "(a fourm pretokenize output folder)")
-    source, manifest = open_shards(config.data.dir)
+    try:  # a damaged, incomplete or escaping shard folder stops here, before any compute
+        source, manifest = open_shards(config.data.dir, verify=config.data.get("verify_shards", True))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config.data.dir={config.data.dir}: {e}") from None
     check_manifest(config, manifest, config.data.dir)
     modalities = modreg.resolve(config.model.modalities, config.model.get("family", "fourm"),
                                 dict(config.model.vocab_overrides))
@@ -341,9 +364,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trai
 
     # ---------------------------------------------------------------- checkpoint
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
-                                      async_save=config.async_checkpoint)
+                                      async_save=config.async_checkpoint,
+                                      durable_within_steps=config.get("ckpt_durable_within_steps", 1))
     config_json = json.loads(config_lib.to_json(config))
     restored = ckpt.restore_latest(abstract_state, data_iter)  # a misfit raises before compiling
+    writer.resume_at(0 if restored is None else restored.step)  # later rows are redone: drop them
     train_step, fingerprint = compile_train_step(train_step, abstract_state, abstract_batch, mesh)
     ckpt_meta = {"train_step_fingerprint": fingerprint}
     if restored is not None:
@@ -369,7 +394,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trai
     # ---------------------------------------------------------------- evals
     eval_batches = []
     if config.eval_every > 0 and config.eval_batches > 0:
-        eval_src = open_shards(config.data.eval_dir)[0] if config.data.eval_dir else source
+        eval_src = (open_shards(config.data.eval_dir, verify=config.data.get("verify_shards", True))[0]
+                    if config.data.eval_dir else source)
         eval_ds = make_dataset(eval_src, config.seed + 1)
         eval_batches = [eval_ds[i] for i in range(config.eval_batches)]
 
@@ -381,10 +407,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trai
 
     # ---------------------------------------------------------------- loop
     total = int(config.num_train_steps)
-    preempt = PreemptionWatch()
     progress = metrics_lib.Progress(start, total, config.batch_size * tokens_per_example)
     pending: tuple[int, Any] | None = None
-    last: dict = {}
+    # Resumed at the end (killed after the final checkpoint): the final rows were written before it.
+    last: dict = metrics_lib.last_row(workdir / "metrics.jsonl", start) if start == total else {}
     skipped = 0
 
     def finish_step(step: int, dev_metrics) -> dict:
@@ -407,6 +433,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trai
         while step < total:
             if preempt.reached(step):
                 log.warning("SIGTERM: saving step %d and exiting", step)
+                if pending is not None:  # its rows before its checkpoint, as at every save
+                    last, pending = finish_step(*pending), None
+                writer.flush()
                 if step != last_saved:
                     ckpt.save(step, state, data_iter, config_json, meta=ckpt_meta, force=True)
                 preempted = True
@@ -415,15 +444,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trai
             with jax.set_mesh(mesh):
                 state, dev_metrics = train_step(state, batch)
             step += 1
+            ckpt.step_boundary(step)  # the previous checkpoint becomes durable here at the latest
             if pending is not None:
                 last = finish_step(*pending)
             pending = (step, dev_metrics)
-            if step % config.ckpt_every == 0 or step == total:
+            save_now = step % config.ckpt_every == 0 or step == total
+            if save_now:  # this step's rows land before its checkpoint: a resume never lacks them
+                last, pending = finish_step(*pending), None
+            if eval_batches and (step % config.eval_every == 0 or step == total):
+                writer.write(step, run_eval(state), split="eval")
+            if save_now:
+                writer.flush()
                 # Returns once the arrays are on host; the files are written in the background.
                 ckpt.save(step, state, data_iter, config_json, meta=ckpt_meta)
                 last_saved = step
-            if eval_batches and (step % config.eval_every == 0 or step == total):
-                writer.write(step, run_eval(state), split="eval")
             if step == config.debug_signal_at_step:  # tests: a preemption / crash right here
                 os.kill(os.getpid(), getattr(signal, config.debug_signal))
         if pending is not None:
@@ -437,5 +471,4 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trai
             data_iter.close()
         progress.close()
         writer.close()
-        preempt.close()
     return TrainResult(step=step, preempted=preempted, last_metrics=last, workdir=str(workdir))
