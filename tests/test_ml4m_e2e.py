@@ -283,6 +283,18 @@ def test_cli_errors_are_one_line_and_write_nothing(assets, tmp_path):
     assert last.startswith("fourm-generate: error:") and "grey.png: expected an RGB image" in last
 
 
+def test_cli_missing_tokenizer_folder_for_a_target(assets, tmp_path, capsys):
+    toks = tmp_path / "toks"
+    toks.mkdir()
+    shutil.copy(WORDPIECE, toks / WORDPIECE.name)
+    out = tmp_path / "never"
+    rc = _generate_in_process(["--checkpoint", str(MODEL_A), "--tokenizers", str(toks), "--cond",
+                               f"rgb={assets / 'photo.png'}", "--targets", "caption,depth", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not out.exists() and len(err) == 1
+    assert "no tokenizer folder for 'tok_depth@224'" in err[0] and "4M_tokenizers_depth_" in err[0]
+
+
 def test_det_text_is_drawn_on_the_image_in_4m_coordinates():
     from fourm.cli import generate as cli
     from fourm.modalities import get

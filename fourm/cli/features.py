@@ -55,6 +55,7 @@ def run(argv, F) -> int:
     import numpy as np
 
     from fourm import features
+    from fourm.compat import ml4m_assets
     from fourm.data.folder import atomic_write_bytes
     from fourm.generate.chain import Generator
 
@@ -89,15 +90,13 @@ def run(argv, F) -> int:
         name = gen_cli.resolve_name(spec, key.strip(), "condition")
         other[name] = gen_cli.read_condition(spec.modality(name), value, res, ml4m)
     images = _images(F.image, res, ml4m, pix)
-    needed = [n for n, v in other.items() if gen_cli._needs_tokenizer(spec, n, v)]
+    needed = ml4m_assets.needing_tokenizer(spec, other)
     if glob:
         needed.append(features.global_modality(spec, glob))
     toks = {}
     if needed and not F.tokenizers:
         raise CommandError(f"--tokenizers is required for {needed}")
     if needed:
-        from fourm.compat import ml4m_assets
-
         toks = (ml4m_assets.load_tokenizers(F.tokenizers, spec, needed, seed=F.seed) if ml4m
                 else gen_cli.load_tokenizers(F.tokenizers))
     inputs = {pix.name: images, **{n: _batched(v, len(images)) for n, v in other.items()}}

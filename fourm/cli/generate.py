@@ -328,12 +328,10 @@ def picture(mod, native, tokens, rgb=None, text: str | None = None, res: int = 6
 
     if mod.source in ("boxes", "det") and text is not None:
         base = rgb if rgb is not None else np.full((res, res, 3), 255, np.uint8)
-        if ml4m:  # "v0=x0 v1=y0 v2=x1 v3=y1 class", coordinates binned over [0, 1]
-            from fourm.compat import ml4m_text
+        if ml4m:
+            from fourm.compat import ml4m_assets
 
-            h, w = base.shape[:2]
-            boxes = [{"box": [x0 * w, y0 * h, x1 * w, y1 * h], "class": c}
-                     for x0, y0, x1, y1, c in ml4m_text.text_to_boxes(text)]
+            boxes = ml4m_assets.boxes_to_draw(text, *base.shape[:2])
         else:
             boxes = structure.text_to_boxes(text, base.shape[:2], strict=False)
         return vis.draw_boxes(base, boxes, labels=True)
@@ -412,7 +410,7 @@ def run(argv, F) -> int:
     model = load_model(F.checkpoint)
     spec = model.spec
     res = next((m.grid[0] * m.patch_size for m in spec.modalities if m.kind == "pixels"), 64)
-    if ml4m:  # 4M's image tokenizers use 16-px patches: the grid of tok_rgb gives the image size
+    if ml4m:  # 4M's image tokenizers use 16-px patches: without pixel input, tok_rgb's grid says it
         res = next((m.grid[0] * 16 for m in spec.modalities if m.name.startswith("tok_rgb@")), res)
     names = {resolve_name(spec, key, "condition"): value for key, value in cond_items}
     preset = F.preset
@@ -426,7 +424,7 @@ def run(argv, F) -> int:
     if ml4m:  # only the tokenizers this run needs (the released ones are large)
         from fourm.compat import ml4m_assets
 
-        needed = [t.name for t in targets] + [n for n, v in conditions.items() if _needs_tokenizer(spec, n, v)]
+        needed = [t.name for t in targets] + ml4m_assets.needing_tokenizer(spec, conditions)
         toks = ml4m_assets.load_tokenizers(F.tokenizers, spec, needed, seed=seed,
                                            diffusion_steps=F.diffusion_steps)
     else:
@@ -445,20 +443,6 @@ def run(argv, F) -> int:
     print(f"time: load {load_s:.1f} s, generate {gen_s:.1f} s (compile {compiled.seconds:.1f} s, "
           f"run {gen_s - compiled.seconds:.1f} s)")
     return 0
-
-
-def _needs_tokenizer(spec, name: str, value) -> bool:
-    """A condition that must go through a tokenizer: text, or a grid given natively (not ids)."""
-    import numpy as np
-
-    m = spec.modality(name)
-    if m.kind == "sequence":
-        return not (hasattr(value, "dtype") and np.issubdtype(value.dtype, np.integer))
-    if m.kind != "grid":
-        return False
-    a = np.asarray(value)
-    ids = np.issubdtype(a.dtype, np.integer) and (a.shape[-2:] == tuple(m.grid) or a.shape[-1] == m.num_tokens)
-    return not ids
 
 
 def write_outputs(root: Path, gen, conditions, targets, out, res: int, ml4m: bool = False) -> None:

@@ -273,6 +273,32 @@ def _pca_picture(f: np.ndarray, size: int = 224) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((size, size), Image.NEAREST))
 
 
+def boxes_to_draw(text: str, h: int, w: int) -> list[dict]:
+    """4M's box text ("v0=x0 v1=y0 v2=x1 v3=y1 class ...", coordinates binned over [0, 1]) ->
+    `fourm.data.visualize.draw_boxes` boxes in pixels of an h x w image."""
+    return [{"box": [x0 * w, y0 * h, x1 * w, y1 * h], "class": c}
+            for x0, y0, x1, y1, c in ml4m_text.text_to_boxes(text)]
+
+
+def needing_tokenizer(spec, conditions: Mapping[str, Any]) -> list[str]:
+    """The conditions that go through a tokenizer: text, and grids given natively (not as ids)."""
+    out = []
+    for name, value in conditions.items():
+        m = spec.modality(name)
+        a = value if hasattr(value, "dtype") else None
+        if m.kind == "sequence":
+            native = a is None or not np.issubdtype(a.dtype, np.integer)
+        elif m.kind == "grid":
+            a = np.asarray(value)
+            native = not (np.issubdtype(a.dtype, np.integer)
+                          and (a.shape[-2:] == tuple(m.grid) or a.shape[-1] == m.num_tokens))
+        else:
+            native = False
+        if native:
+            out.append(name)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # finding and loading the folders
 # ---------------------------------------------------------------------------------------------
