@@ -307,3 +307,24 @@ def test_det_text_is_drawn_on_the_image_in_4m_coordinates():
     assert abs(drawn[:, 1].min() - 50) <= 1 and abs(drawn[:, 1].max() - 150) <= 1  # x0 = 0.25 * 200
     assert drawn[:, 0].max() <= 91  # y1 = 0.9 * 100 (the label sits above y0)
     assert not cli.picture(get("det", "ml4m"), None, None, rgb=base, text="no boxes here", ml4m=True).any()
+
+
+def test_native_grid_conditions_go_through_their_tokenizer(assets):
+    from fourm.generate.chain import Generator
+
+    model = ml4m.load(MODEL_A)
+    toks = ml4m_assets.load_tokenizers(assets / "tokenizers", model.spec, ["tok_depth@224", "tok_rgb@224"],
+                                       diffusion_steps=1)
+    gen = Generator(model, toks)
+    depth = np.random.default_rng(3).uniform(1, 5, (200, 200)).astype(np.float32)  # one map, not 224
+    image = ml4m_assets.read_image(assets / "photo.png", 224)
+    notices = []
+    states, batch = gen.prepare({"tok_depth@224": depth, "tok_rgb@224": image}, None, notices)
+    assert batch == 1 and states["tok_depth@224"].ids.shape == (1, 196) and states["tok_depth@224"].known.all()
+    resized = toks["tok_depth@224"].resize(depth[None], 224)
+    np.testing.assert_array_equal(states["tok_depth@224"].ids, toks["tok_depth@224"].encode(resized).reshape(1, -1))
+    np.testing.assert_array_equal(states["tok_rgb@224"].ids, toks["tok_rgb@224"].encode(image[None]).reshape(1, -1))
+    assert any("resized to 224x224" in n for n in notices)
+    assert ml4m_assets.needing_tokenizer(model.spec, {"tok_depth@224": depth, "caption": "a dog",
+                                                      "tok_rgb@224": np.zeros((14, 14), np.int32)}) == \
+        ["tok_depth@224", "caption"]

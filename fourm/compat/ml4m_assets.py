@@ -184,10 +184,11 @@ class ML4MImageTokenizer:
 
     # -- native <-> 4M's tokenizer input ---------------------------------------------------
     def expected_shape(self, res: int) -> tuple:
+        """A native batch's shape (as fourm's codecs give it)."""
         if self.kind in ("rgb", "normal"):
-            return (res, res, 3)
+            return ("B", res, res, 3)
         if self.kind in ("depth", "semseg"):
-            return (res, res)
+            return ("B", res, res)
         raise AssetError(f"{self.name}: fourm cannot make {self.kind} inputs from an array here "
                          f"(4M computes them with a separate network); give token ids (.npy) instead")
 
