@@ -146,3 +146,20 @@ def test_cli_retrieval_without_global_output_is_a_clear_error(world, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and not out.exists() and len(err) == 1
     assert "does not predict 'tok_dinov2_global'" in err[0] and "4M-21" in err[0]
+
+
+def test_cli_features_of_a_fourm_checkpoint(tmp_path):
+    from fourm.model.pretrained import save_pretrained
+    from test_generate_chain import small_model
+
+    save_pretrained(small_model(), None, tmp_path / "ckpt")
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(64, 64), (80, 50)]):  # the second is resized to the model's 64
+        Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    out = tmp_path / "f.npz"
+    assert features_cli.main(["fourm-features", "--checkpoint", str(tmp_path / "ckpt"), "--image",
+                              str(tmp_path / "0.png"), "--image", str(tmp_path / "1.png"), "--out", str(out)]) == 0
+    with np.load(out, allow_pickle=False) as z:
+        n = z["slice/rgb@64"][1] - z["slice/rgb@64"][0]
+        assert z["tokens"].shape == (2, n, 32) and z["valid"].all()
+        np.testing.assert_allclose(z["pooled"], z["tokens"].mean(1), atol=1e-5)

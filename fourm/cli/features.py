@@ -44,9 +44,17 @@ def define_flags(fv, argv):
 
 
 def _images(files, res: int, ml4m: bool, mod):
+    """The image files as one uint8 batch at the model's size (4M: its crop + resize; fourm: bicubic
+    resize, as fourm-generate does)."""
     import numpy as np
 
-    return np.stack([gen_cli.read_condition(mod, str(f), res, ml4m) for f in files])
+    from fourm.generate.inputs import resize_images
+
+    out = []
+    for f in files:
+        x = gen_cli.read_condition(mod, str(f), res, ml4m)
+        out.append(x if x.shape[:2] == (res, res) else resize_images(x[None], res, res)[0])
+    return np.stack(out)
 
 
 def run(argv, F) -> int:
