@@ -22,8 +22,10 @@ Array conventions (4M's `modality_transforms` and `plotting_utils`), per modalit
            (10% cut at both ends); decoded is that standardised depth (shown min-max normalised)
   normal   native float HWC in [-1, 1] (or uint8 (n+1)*127.5); decoded in [-1, 1]
   semseg   native int HW class ids; decoded = argmax of the class logits
-  others   (CLIP / DINOv2 / ImageBind feature maps, globals): decoded feature arrays (B, C, h, w);
-           they cannot be made from an image here (that needs those networks), only decoded
+  edges    decoded single-channel maps in [-1, 1] (shown grey)
+  others   (CLIP / DINOv2 / ImageBind feature maps, globals): decoded feature arrays (B, C, h, w),
+           shown by their first 3 principal components (globals: written as arrays); they cannot
+           be made from an image here (that needs those networks), only decoded
 """
 
 from __future__ import annotations
@@ -254,7 +256,9 @@ class ML4MImageTokenizer:
             return vis.colorize_normals(a)
         if self.kind == "semseg":
             return vis.colorize_semseg(a)
-        if a.ndim == 2:  # depth / edges: min-max normalised per map, as 4M shows depth
+        if a.ndim == 2 and self.kind in ("canny_edge", "sam_edge"):  # edge maps in [-1, 1]: grey
+            return vis.to_rgb(np.clip((a + 1.0) / 2.0, 0.0, 1.0))
+        if a.ndim == 2:  # depth: min-max normalised per map, as 4M shows it
             x = (a - a.min()) / max(float(a.max() - a.min()), 1e-9)
             return vis.colorize_depth(x + 1.0, vmin=1.0, vmax=2.0)
         if a.ndim == 3 and a.shape[1] > 1 and a.shape[2] > 1:  # feature map: first 3 PCA components
