@@ -250,6 +250,10 @@ def test_tokenizer_folder_errors_name_folder_and_modality(assets, tmp_path):
     make_tokenizer(root / "my_depth", codebook=8192, n_channels=1)
     (root / "tokenizers.json").write_text(json.dumps({"depth": "my_depth"}))
     assert ml4m_assets.load_tokenizers(root, spec, ["tok_depth@224"])["tok_depth@224"].folder.name == "my_depth"
+    make_tokenizer(root / "4M_tokenizers_depth_8k_224", codebook=8192, n_channels=1)
+    (root / "tokenizers.json").unlink()
+    with pytest.raises(ml4m_assets.AssetError, match=r"several tokenizer folders for 'tok_depth@224'"):
+        ml4m_assets.load_tokenizers(root, spec, ["tok_depth@224"])
     (root / "tokenizers.json").write_text(json.dumps({"tok_depth@224": "../elsewhere"}))
     with pytest.raises(ml4m_assets.AssetError,
                        match=r"tokenizers\.json: entry 'tok_depth@224' = '\.\./elsewhere' leaves"):

@@ -329,22 +329,25 @@ def read_map(root: Path) -> dict[str, Path]:
     return {str(k): _inside(root, v, str(k)) for k, v in doc.items()}
 
 
-def hub_folders(root: Path) -> dict[str, Path]:
-    """{modality stem: folder} for the subfolders named after 4M's hub names."""
-    out: dict[str, Path] = {}
+def hub_folders(root: Path) -> dict[str, list[Path]]:
+    """{modality stem: folders} for the subfolders named after 4M's hub names."""
+    out: dict[str, list[Path]] = {}
     for d in sorted(c for c in root.iterdir() if c.is_dir()):
         m = _HUB_RE.search(d.name)
         if m and m.group("stem") in HUB_STEMS:
             for s in HUB_STEMS[m.group("stem")]:
-                if s in out:
-                    raise AssetError(f"{root}: two tokenizer folders for {s!r}: {out[s].name} and {d.name}; "
-                                     f"keep one or name the one to use in {root / MAP_FILE}")
-                out[s] = d
+                out.setdefault(s, []).append(d)
     return out
 
 
-def folder_for(root: Path, name: str, mapping: Mapping[str, Path], hubs: Mapping[str, Path]) -> Path:
-    folder = mapping.get(name) or mapping.get(stem(name)) or hubs.get(stem(name))
+def folder_for(root: Path, name: str, mapping: Mapping[str, Path], hubs: Mapping[str, list[Path]]) -> Path:
+    folder = mapping.get(name) or mapping.get(stem(name))
+    if folder is None:
+        found = hubs.get(stem(name), [])
+        if len(found) > 1:  # e.g. the 224 and the 224-448 release side by side
+            raise AssetError(f"--tokenizers {root}: several tokenizer folders for {name!r}: "
+                             f"{[f.name for f in found]}; name the one to use in {root / MAP_FILE}")
+        folder = found[0] if found else None
     if folder is None:
         hub = next((k for k, v in HUB_STEMS.items() if stem(name) in v), stem(name))
         raise AssetError(f"--tokenizers {root}: no tokenizer folder for {name!r} (expected a folder named "
