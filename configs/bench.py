@@ -17,10 +17,11 @@ QUICK_MODALITIES = ["rgb@64", "tok_rgb@64", "tok_depth@64", "caption"]
 
 def get_config(arg=None):
   quick = arg == "quick"
-  if arg not in (None, "", "quick"):
-    raise ValueError(f"configs/bench.py: variant {arg!r} not known; use 'quick' or nothing")
+  if arg not in (None, "", "quick", "gpu"):
+    raise ValueError(f"configs/bench.py: variant {arg!r} not known; use 'quick', 'gpu' or nothing")
   c = common_config()
   c.quick = quick
+  c.variant = arg or ""
   c.only = ["model", "train", "generate", "tokenizer", "ml4m_tokenizer", "scenes", "pretokenize", "masking",
             "pipeline", "trainer", "integrity"]
   c.device = "cpu"  # cpu | gpu (gpu: bf16 compute, MFU against peak_tflops)
@@ -45,15 +46,20 @@ def get_config(arg=None):
       # >0 replaces the size's depth (encoder and decoder): tests use 1 to compile fast.
       depth=0,
   ))
-  c.train = ml_collections.ConfigDict(dict(size="tiny"))  # train step = fwd+bwd + AdamW, donated state
+  # Train step = fwd+bwd + AdamW, donated state, at the model section's shapes, per size.
+  c.train = ml_collections.ConfigDict(dict(sizes=["tiny"]))
 
   # Generation: RGB -> depth (MaskGIT, cosine schedule) -> caption (greedy, KV cache).
   c.generate = ml_collections.ConfigDict(dict(
       sizes=["tiny"],  # the reference also has base (MaskGIT 5.9 s)
-      batch=1,
+      batches=[1] if quick else [1, 8],  # MaskGIT figures per batch size (time per sample too)
       steps=8,
       caption_tokens=4 if quick else 20,
-      loop="auto",  # auto | scan | unrolled (fourm.generate.chain.Generator)
+      # MaskGIT loop forms to time: auto (= buckets, fourm.generate.stepwise) | buckets:N (N
+      # buckets) | scan | unrolled; names of non-default forms end in .scan / .unrolled /
+      # .bucketsN (compare them in one run).
+      loops=["auto"],
+      buckets=4,  # shape classes per side for the bucketed loop
   ))
 
   # Tokenizers: the repository's recipes with random weights, and the text tokenizer.
@@ -128,4 +134,20 @@ def get_config(arg=None):
       runs=("ddim:2", "ddpm:2") if quick else ("ddim:25", "ddpm:1000"),
       batch=1,
   ))
+  if arg == "gpu":
+    gpu_variant(c)
   return c
+
+
+def gpu_variant(c):
+  """`fourm-bench --device gpu` (= --config configs/bench.py:gpu): bf16 with the cuDNN attention
+  path (the model's auto choice on GPU), 4M-B and 4M-L train steps at a batch that fills an
+  H100/H200 (MFU against config.peak_tflops), MaskGIT + caption on 4M-B, tokenizer encode."""
+  c.device = "gpu"
+  c.only = ["model", "train", "generate", "tokenizer", "ml4m_tokenizer"]
+  c.iters = 5
+  c.model.update(sizes=["base", "large"], batch=128, input_tokens=256, target_tokens=256)
+  c.train.sizes = ["base", "large"]
+  c.generate.update(sizes=["base"], batches=[1, 8])
+  c.tokenizer.update(batch=64)
+  c.ml4m_tokenizer.update(batch=64)

@@ -17,10 +17,11 @@ def get_config(arg=None):
   c.out = "runs/generate"
   c.batch = 1  # samples per condition set (different seeds within the batch)
   c.resize = True  # resize wrong-size images (with a notice); False: error
-  # MaskGIT/ROAR loop: scan (one compiled step body: quick to compile, best for one-off runs) |
-  # unrolled (exact shapes per step: ~1.5x faster per call, ~5x longer to compile) | auto
-  # (unrolled when every sample has the same number of known tokens).
-  c.loop = "scan"
+  # MaskGIT/ROAR loop: auto = buckets (a host loop over jitted step programs at a few bucketed
+  # shapes: quick to compile and to run; fourm.generate.stepwise) | scan (one compiled step body
+  # at the largest shape) | unrolled (exact shapes per step in one program: slow to compile).
+  c.loop = "auto"
+  c.buckets = 4  # shape classes per side for loop=auto/buckets (more: less padding, more programs)
   c.kv_cache = True
   # Sampler defaults per target kind: fourm's one default (greedy; fourm.generate.defaults),
   # shared with the quickstart and the notebooks.

@@ -172,12 +172,13 @@ def stage_pretrain(cfg, out: Path) -> dict:
     return {"step": result.step, "last_metrics": result.last_metrics}
 
 
-def load_generator(cfg, loop: str = "scan"):
+def load_generator(cfg, loop: str = "auto"):
     """The pretrained model and the trained tokenizers of a quickstart workdir as a `Generator`.
 
-    `loop="scan"`: one compiled step per target, reused for every MaskGIT step; it compiles ~4x
-    faster than the unrolled exact-shape loop and the run after compiling is as short (the
-    quickstart and the notebooks generate a handful of batches, so compile time dominates)."""
+    `loop="auto"`: MaskGIT steps at a few bucketed shapes (`fourm.generate.stepwise`): a few
+    small programs to compile, shared by every step and target of the same shapes, and little
+    padding to run (the quickstart and the notebooks generate a handful of batches, so compile
+    time matters as much as run time)."""
     from fourm.generate.chain import Generator
     from fourm.model.pretrained import load_pretrained
     from fourm.tokenizers import load as load_image_tokenizer

@@ -22,10 +22,10 @@ from fourm.bench.common import Result
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(args, **kw):
+def _run(args, timeout=300, **kw):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env,
-                          timeout=300, **kw)
+                          timeout=timeout, **kw)
 
 
 def _results():
@@ -138,3 +138,29 @@ def test_cli_rejects_unknown_group_and_helps():
     assert r.returncode != 0 and "nosuch" in r.stderr and "known" in r.stderr
     r = _run(["-m", "fourm.cli.bench", "--help"])
     assert r.returncode == 0 and "--compare" in r.stdout and "--peak_tflops" in r.stdout
+
+
+def test_device_gpu_variant_and_the_accelerator_groups_on_cpu(tmp_path):
+    """`--device gpu` picks configs/bench.py:gpu (bf16, 4M-B/L train steps, MFU); the same groups
+    (model, train step, MaskGIT + caption, tokenizer encode) run end to end with --device cpu at
+    tiny shapes and land in the JSON with their FLOPs, compile times and step programs."""
+    from fourm.config import load_config
+
+    g = load_config("bench:gpu")
+    assert g.device == "gpu" and list(g.train.sizes) == ["base", "large"]
+    assert list(g.generate.batches) == [1, 8] and g.model.batch == 128
+    out = tmp_path / "acc.json"
+    r = _run(["-m", "fourm.cli.bench", "--quick", "--device", "cpu", "--noisolate", "--iters", "1",
+              "--only", "train,generate,tokenizer", "--config.model.depth=1",
+              "--config.generate.caption_tokens=2", "--config.generate.steps=2",
+              "--config.tokenizer.captions=20", "--json", str(out)], timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    meta, results = common.read_json(out)
+    assert meta["failed"] == {} and meta["dtype"] == "float32"
+    by = {x.name: x for x in results}
+    step = by["train.tiny.step"]
+    assert step.flops > 0 and step.extra["attention"] == "xla" and "cost analysis" in step.note
+    mg = by["generate.tiny.maskgit"]
+    assert mg.unit == "samples/s" and mg.extra["programs"] >= 1 and mg.extra["compile_s"] >= 0
+    assert "generate.tiny.caption" in by
+    assert any(n.startswith("tokenizer.") for n in by)

@@ -127,3 +127,40 @@ def test_target_scheme_errors():
         gen.generate({"caption": "x"}, [Target("caption", scheme="maskgit")])
     with pytest.raises(GenerationInputError, match="scheme 'autoregressive' not supported"):
         gen.generate({"caption": "x"}, [Target("tok_depth@64", scheme="autoregressive")])
+
+
+def test_folder_condition_batches_images_like_single_runs(files, tmp_path, capsys):
+    """--cond rgb=DIR/: images run `images_per_call` at a time; greedy tokens of each image equal
+    a run on that image alone; images.json maps files to outputs; samples/s is printed."""
+    import dataclasses
+
+    from fourm.cli import CommandError
+    from fourm.cli import generate as cli
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    imgs = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    for i, img in enumerate(imgs):
+        Image.fromarray(img).save(folder / f"img{i}.png")
+    (folder / "notes.md").write_text("not an image")  # ignored
+    paths = cli.folder_files("rgb=DIR", folder)
+    assert [p.name for p in paths] == ["img0.png", "img1.png", "img2.png"]
+    gen = Generator(small_model(), loop="auto", buckets=2, compiler_options=FAST)
+    greedy = dataclasses.replace(DEPTH, temperature=0.0)
+    assert cli.run_folder(gen, {}, "rgb@64", paths, [greedy], 0, 2, tmp_path / "out", 64) == 0
+    index = json.loads((tmp_path / "out" / "images.json").read_text())
+    assert [(e["folder"], e["sample"]) for e in index] == [("batch_000", 0), ("batch_000", 1),
+                                                            ("batch_001", 0)]
+    assert "generated 3 images in 2 calls of up to 2" in capsys.readouterr().out
+    with np.load(tmp_path / "out" / "batch_001" / "tokens.npz", allow_pickle=False) as z:
+        last = z["tok_depth@64"]
+    alone = gen.generate({"rgb@64": imgs[2]}, [greedy], seed=0).tokens["tok_depth@64"]
+    np.testing.assert_array_equal(last, alone)
+    Image.fromarray(imgs[0][:32]).save(folder / "img3.png")
+    with pytest.raises(CommandError, match="img3.png is \\[32, 64, 3\\]"):
+        cli.read_folder_chunk(small_model().spec.modality("rgb@64"), cli.folder_files("x", folder), 64)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CommandError, match="no images"):
+        cli.folder_files("rgb=empty", empty)

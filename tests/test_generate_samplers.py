@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fourm.generate import autoregressive as ar
-from fourm.generate import maskgit, schedules
+from fourm.generate import maskgit, schedules, stepwise
 from fourm.generate.sampling import Filter, filter_logits, guide, sample_tokens
 
 B, N, V = 3, 24, 13
@@ -124,6 +124,36 @@ def test_unrolled_exact_shapes_equal_scan(scheme):
     np.testing.assert_array_equal(got.tokens, ref.tokens)  # same noise per (sample, position)
     np.testing.assert_array_equal(got.decode_step, ref.decode_step)
     np.testing.assert_allclose(got.trace_logp, ref.trace_logp, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["maskgit", "roar"])
+def test_bucketed_steps_equal_scan_with_few_programs(scheme):
+    # Samples with different numbers of given tokens (per-sample schedules), sampled (temp 2),
+    # choice noise off: the host loop over bucketed step programs draws what the scan draws.
+    rng = np.random.default_rng(1)
+    known = rng.random((B, N)) < np.array([0.0, 0.2, 0.5])[:, None]
+    counts = schedules.per_sample_counts("cosine", 4, (~known).sum(-1))
+    temps = np.full(4, 2.0, np.float32)
+    ref = _decode(scheme, counts, temps, known=known, seed=4)
+    step = stepwise.jit_step(_FAKE, scheme=scheme, return_trace=True, compiler_options=FAST)
+    got = stepwise.bucketed_decode(step, np.where(known, 7, 0), known, jax.random.PRNGKey(4),
+                                   counts, temps, scheme=scheme, return_trace=True, buckets=3)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_array_equal(got.decode_step, ref.decode_step)
+    np.testing.assert_array_equal(got.trace_ids, ref.trace_ids)
+    np.testing.assert_allclose(got.trace_logp, ref.trace_logp, atol=1e-5)
+    sizes = stepwise.step_sizes(known, counts, scheme, 3)
+    assert all(k % 8 == 0 and q % 8 == 0 for k, q in sizes)  # multiples of ceil(24 / 3)
+    assert step._cache_size() == len(set(sizes)) < 4  # one program per bucket pair, not per step
+
+
+def test_bucket_sizes():
+    assert [stepwise.bucket(x, 256, 4) for x in (0, 1, 64, 65, 200, 256)] == [64, 64, 64, 128, 256, 256]
+    assert stepwise.bucket(5, 10, 3) == 8 and stepwise.bucket(9, 10, 3) == 10  # capped at total
+    # MaskGIT-8 cosine on 256 tokens: known slots grow, query slots shrink, 4 programs not 8.
+    sizes = stepwise.step_sizes(np.zeros((1, 256), bool), schedules.cosine_schedule(8, 256),
+                                "maskgit", 4)
+    assert sizes[0] == (64, 256) and sizes[-1][1] == 64 and len(set(sizes)) == 4
 
 
 def test_maskgit_commits_most_confident():

@@ -223,6 +223,23 @@ def test_aligned_folder_source_matches_generator(tmp_path, text_tok):
     assert a["source"] == {"kind": "test"}
 
 
+def test_prefetch_keeps_order_and_raises_the_producers_error():
+    assert list(P.prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise KeyError("sample 7 has no field 'rgb'")
+
+    got = []
+    with pytest.raises(KeyError, match="sample 7"):
+        for x in P.prefetch(broken()):
+            got.append(x)
+    assert got == [1]
+    early = P.prefetch(iter(range(1000)), depth=2)
+    assert next(early) == 0
+    early.close()  # the consumer stops: the producer thread ends instead of blocking
+
+
 def test_symlink_leaving_an_aligned_folder_is_refused(tmp_path, text_tok):
     """A dataset cannot make pre-tokenization read a file outside it (issue 17: /etc/passwd was
     tokenized into a shard)."""

@@ -1,6 +1,6 @@
 """Generation benchmark: RGB -> depth (MaskGIT, 8 cosine steps) -> caption (20 tokens, KV cache).
 
-    python -m fourm.bench.generate [--batch 1,8] [--repeats 3] [--loops unrolled,scan]
+    python -m fourm.bench.generate [--batch 1,8] [--repeats 3] [--loops auto,scan,unrolled]
 
 The model is the reference's tiny configuration (384 dim, 6+6 layers, SwiGLU) over its 4
 modalities with 4M's vocabularies: rgb@224 pixels, tok_rgb@224, tok_depth@224, caption. Weights
@@ -20,7 +20,8 @@ from absl import app, flags
 
 flags.DEFINE_list("batch", ["1", "8"], "batch sizes")
 flags.DEFINE_integer("repeats", 3, "timed runs after compilation")
-flags.DEFINE_list("loops", ["unrolled", "scan"], "MaskGIT loop forms to time (unrolled | scan)")
+flags.DEFINE_list("loops", ["auto", "scan", "unrolled"],
+                  "MaskGIT loop forms to time (auto = bucketed steps | scan | unrolled)")
 flags.DEFINE_integer("steps", 8, "MaskGIT steps")
 flags.DEFINE_integer("caption_tokens", 20, "caption tokens")
 flags.DEFINE_boolean("no_cache_caption", False, "also time the caption without KV cache")

@@ -166,36 +166,47 @@ def bench_train(c) -> list[Result]:
 
     from fourm.config import load_config
     from fourm.model import build_model, loss_fn
+    from fourm.model.layers import attention_impl
     from fourm.train.optimizer import make_optimizer
     from fourm.train.step import init_state, make_train_step
 
-    size = c.train.size
-    cfg = model_config(c, size)
-    model = build_model(cfg, seed=0)
-    batch = model_batch(c, model.spec)
-    flops = model_flops(cfg, batch)["fwd_bwd"]
-    tx, schedule = make_optimizer(load_config("pretrain").optim, 1000)
-    graphdef, state = init_state(model, tx)
-    del model
-    step = jax.jit(make_train_step(graphdef, loss_fn, tx, schedule), donate_argnums=0)
-    holder = [state]
+    out = []
+    for size in c.train.sizes:
+        cfg = model_config(c, size)
+        model = build_model(cfg, seed=0)
+        batch = model_batch(c, model.spec)
+        flops = model_flops(cfg, batch)["fwd_bwd"]
+        attention = attention_impl(cfg.attention_impl, cfg.dtype, cfg.dim // cfg.num_heads)
+        tx, schedule = make_optimizer(load_config("pretrain").optim, 1000)
+        graphdef, state = init_state(model, tx)
+        del model
+        step = jax.jit(make_train_step(graphdef, loss_fn, tx, schedule), donate_argnums=0)
+        holder = [state]
 
-    def call():
-        holder[0], metrics = step(holder[0], batch)
-        return metrics["loss"]
+        def call():
+            holder[0], metrics = step(holder[0], batch)
+            return metrics["loss"]
 
-    reset_peak_rss()
-    t = time_calls(call, c.iters)
-    tokens = c.model.batch * (c.model.input_tokens + c.model.target_tokens)
-    return [_finish(Result(f"train.{size}.step", t.median_s, tokens / t.median_s, "tokens/s", flops=flops,
-                           first_s=t.first_s, cpu_s=t.cpu_s,
-                           note="FLOPs = model forward+backward (optimizer not counted)",
-                           extra=dict(batch=c.model.batch, tokens=tokens, dtype=cfg.dtype)))]
+        reset_peak_rss()
+        t = time_calls(call, c.iters)
+        tokens = c.model.batch * (c.model.input_tokens + c.model.target_tokens)
+        out.append(_finish(Result(
+            f"train.{size}.step", t.median_s, tokens / t.median_s, "tokens/s", flops=flops,
+            first_s=t.first_s, cpu_s=t.cpu_s,
+            note=f"{cfg.dtype}, {attention} attention; FLOPs = model forward+backward from XLA's "
+                 "cost analysis of an unrolled twin + analytic output heads (no remat recompute, "
+                 "optimizer not counted)",
+            extra=dict(batch=c.model.batch, tokens=tokens, dtype=cfg.dtype, attention=attention))))
+        del holder, state, step
+    return out
 
 
 # ============================================================================================ generate
 def bench_generate(c) -> list[Result]:
-    """RGB -> depth (MaskGIT, cosine schedule) and RGB -> depth -> caption (greedy, KV cache)."""
+    """RGB -> depth (MaskGIT, cosine schedule) at each batch size and loop form, and the caption
+    alone (RGB + depth -> caption, greedy, KV cache). Figures: steady-state time per call, samples/s
+    (time per sample = 1 / throughput), compile time (first call - steady state) and the number of
+    compiled MaskGIT step programs (loop auto/buckets) in `extra`."""
     from fourm import modalities as modreg
     from fourm.data.scenes import generate_scene
     from fourm.generate.chain import Generator, Target
@@ -208,35 +219,63 @@ def bench_generate(c) -> list[Result]:
     caption = next(m for m in mods if m.kind == "sequence")
     g = c.generate
     side = rgb.grid[0] * rgb.patch_size
-    img = np.repeat(generate_scene(0, 0, side)["rgb"][None], g.batch, axis=0)
+    scene = generate_scene(0, 0, side)["rgb"][None]
     # 4M's checkpoints reserve 200 sentinels; fourm's text tokenizer the TextIds default.
     text_ids = TextIds(num_sentinels=200) if c.model.family == "ml4m" else TextIds()
+    batches = [int(b) for b in g.batches]
     out = []
     for size in g.sizes:
         cfg = model_config(c, size)
-        gen = Generator(build_model(cfg, seed=0), loop=g.loop, text_ids=text_ids)
+        model = build_model(cfg, seed=0)
         t_depth = Target(depth.name, steps=g.steps, temperature=1.0)
         t_cap = Target(caption.name, max_new_tokens=g.caption_tokens, temperature=0.0)
+        for form in g.loops:
+            # "buckets:N" = the bucketed loop with N buckets (a sweep next to the default's).
+            loop, _, nb = str(form).partition(":")
+            nb = int(nb or g.buckets)
+            gen = Generator(model, loop=loop, text_ids=text_ids, buckets=nb)
+            for b in batches:
+                img = np.repeat(scene, b, axis=0)
+                name = f"generate.{size}.maskgit" + (f".b{b}" if b != 1 else "") \
+                    + ("" if loop == "auto" else f".{loop}" + (f"{nb}" if loop == "buckets" else ""))
+                programs0 = gen._step_fn._cache_size()
+                reset_peak_rss()
+                t = time_calls(lambda img=img: gen.generate({rgb.name: img}, [t_depth], seed=0,
+                                                            decode=False).tokens, c.iters)
+                extra = dict(batch=b, steps=g.steps, tokens=depth.num_tokens, dtype=cfg.dtype,
+                             loop=loop, compile_s=max(t.first_s - t.median_s, 0.0),
+                             per_sample_s=t.median_s / b)
+                if loop in ("auto", "buckets"):
+                    # Programs compiled for this batch size (the step is shared by all loops).
+                    extra.update(buckets=nb, programs=gen._step_fn._cache_size() - programs0)
+                ref = _reference(c, f"generate.{size}.maskgit") if b == 1 and g.steps == 8 else None
+                out.append(_finish(Result(
+                    name, t.median_s, b / t.median_s, "samples/s", reference_s=ref,
+                    first_s=t.first_s, cpu_s=t.cpu_s, extra=extra,
+                    note=f"{rgb.name} -> {depth.name} ({g.steps} steps, batch {b}, loop {loop}): "
+                         f"compile {extra['compile_s']:.1f} s, {1e3 * t.median_s / b:.1f} ms/sample"
+                         + (f", {extra['programs']} step programs" if "programs" in extra else ""))))
+        # The caption alone: its condition (RGB + depth tokens) is fixed, so only text is timed.
+        gen = Generator(model, loop=g.loops[0], text_ids=text_ids, buckets=int(g.buckets))
+        toks = gen.generate({rgb.name: scene}, [t_depth], seed=0, decode=False).tokens[depth.name]
         last = {}
-        for kind, targets in (("maskgit", [t_depth]), ("chain", [t_depth, t_cap])):
-            def call(targets=targets):
-                last["gen"] = gen.generate({rgb.name: img}, targets, seed=0, decode=False)
-                return last["gen"].tokens
 
-            reset_peak_rss()
-            t = time_calls(call, c.iters)
-            name = f"generate.{size}.{kind}"
-            extra = dict(batch=g.batch, steps=g.steps, tokens=depth.num_tokens, dtype=cfg.dtype,
-                         loop=g.loop)
-            if kind == "chain":
-                extra.update(caption_tokens=g.caption_tokens,
-                             generated=np.asarray(last["gen"].trace[caption.name]["length"]).tolist())
-            ref = _reference(c, name) if g.batch == 1 and g.steps == 8 else None
-            out.append(_finish(Result(name, t.median_s, g.batch / t.median_s, "samples/s",
-                                      reference_s=ref, first_s=t.first_s, cpu_s=t.cpu_s, extra=extra,
-                                      note=f"{rgb.name} -> {depth.name} ({g.steps} steps)"
-                                      + (f" -> {caption.name} ({g.caption_tokens} tokens)"
-                                         if kind == "chain" else ""))))
+        def call():
+            last["gen"] = gen.generate({rgb.name: scene, depth.name: toks}, [t_cap], seed=0,
+                                       decode=False)
+            return last["gen"].tokens
+
+        reset_peak_rss()
+        t = time_calls(call, c.iters)
+        generated = np.asarray(last["gen"].trace[caption.name]["length"]).tolist()
+        extra = dict(batch=1, caption_tokens=g.caption_tokens, generated=generated, dtype=cfg.dtype,
+                     compile_s=max(t.first_s - t.median_s, 0.0))
+        out.append(_finish(Result(
+            f"generate.{size}.caption", t.median_s, 1.0 / t.median_s, "samples/s",
+            first_s=t.first_s, cpu_s=t.cpu_s, extra=extra,
+            note=f"{rgb.name} + {depth.name} -> {caption.name} (greedy, KV cache, at most "
+                 f"{g.caption_tokens} tokens, generated {generated}): compile "
+                 f"{extra['compile_s']:.1f} s")))
     return out
 
 

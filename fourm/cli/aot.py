@@ -6,7 +6,8 @@
 
 Topology syntax: Cloud TPU accelerator types (v5p-128, v4-64, v5e-16 / v5litepod-16, v6e-64; for
 v4/v5p the number counts TensorCores, two per chip) or a chip grid (v5p:4x4x4). Prints memory per
-chip (and whether it fits the chip's HBM), FLOPs per step and the collective ops. Needs libtpu
+chip (and whether it fits the chip's HBM), FLOPs and bytes per step (XLA cost analysis), a roofline
+estimate of the step time per chip (fourm.train.roofline) and the collective ops. Needs libtpu
 (the `tpu` extra). Exit status 1 if any topology does not fit.
 """
 

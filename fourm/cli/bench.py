@@ -4,7 +4,8 @@
     fourm-bench --only model,scenes --json out.json
     fourm-bench --quick                           # small shapes: a CI smoke run
     fourm-bench --compare old.json --json new.json
-    fourm-bench --device gpu --peak_tflops 989    # bf16 compute, MFU column (H100/H200 dense bf16)
+    fourm-bench --device gpu --json gpu.json      # configs/bench.py:gpu: bf16, cuDNN attention, 4M-B/L
+                                                  # train step MFU (--peak_tflops, default 989 = H100/H200)
 
 Prints, per figure: name | time | CPU time | throughput | peak mem | FLOPs | FLOP/s | [MFU |] vs
 reference (the PyTorch ml-4m timings on the 2-core CPU machine, where the shapes match). Groups:
@@ -58,8 +59,11 @@ def resolved_config(F):
     from fourm.config import load_config
 
     c = F.config
-    if F.quick and not c.quick:
-        c = load_config("bench:quick")
+    # --quick, and --device gpu with the default variant, pick their variant of configs/bench.py.
+    variant = "quick" if F.quick and not c.quick else \
+        "gpu" if F.device == "gpu" and not c.quick and not c.get("variant") else None
+    if variant:
+        c = load_config(f"bench:{variant}")
         for path, value in F["config"].override_values.items():
             config_path.set_value(path, c, value)
     for flag, field in (("only", "only"), ("device", "device"), ("peak_tflops", "peak_tflops"),

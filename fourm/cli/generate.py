@@ -5,6 +5,7 @@
     fourm-generate --checkpoint DIR --tokenizers DIR \\
         --cond caption="a red cube left of a blue sphere" --targets rgb,depth
     fourm-generate ... --targets depth:steps=12:temperature=0:guidance_scale=2,caption:top_p=0.9
+    fourm-generate ... --cond rgb=photos/ --images_per_call 8 --targets depth,caption
 
 Writes per sample and target a PNG (depth colour-mapped, normals as colours, segmentation with
 its palette, RGB as is, boxes drawn on the RGB) or a .txt (captions, metadata), a side-by-side
@@ -63,6 +64,8 @@ def define_flags(fv, argv):
                         "config's grid/text defaults) or one of 4M's: rgb2x, x2rgb, maskgit8; auto = "
                         "config for fourm checkpoints, 4M's rgb2x / x2rgb choice for 4M checkpoints", **d)
     flags.DEFINE_integer("diffusion_steps", 50, "4M DiVAE tokenizers: diffusion steps per decode", **d)
+    flags.DEFINE_integer("images_per_call", 8, "with a folder condition (--cond rgb=DIR/): images "
+                         "generated together in one batched call", **d)
 
 
 
@@ -390,15 +393,25 @@ def run(argv, F) -> int:
     if not F.targets:
         raise app.UsageError("--targets is required (e.g. --targets depth,caption)")
     batch = positive("--batch", F.batch if F.batch is not None else int(cfg.batch))
-    cond_items = []
+    cond_items, folder_items = [], []
     for item in F.cond:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise CommandError(f"--cond {item!r}: expected NAME=VALUE")
+        if Path(value).expanduser().is_dir():  # a folder of images: batched over its files
+            folder_items.append((key.strip(), value, folder_files(item, Path(value).expanduser())))
+            continue
         p = condition_path(value)
         if p is not None and not p.is_file():
             raise CommandError(f"--cond {item}: no such file")
         cond_items.append((key.strip(), value))
+    if len(folder_items) > 1:
+        raise CommandError(f"--cond: one folder condition at most, got {len(folder_items)} "
+                           f"({', '.join(v for _, v, _ in folder_items)})")
+    per_call = positive("--images_per_call", F.images_per_call)
+    if folder_items and batch != 1:
+        raise app.UsageError(f"--batch {batch} with a folder condition: each image is one sample; "
+                             "use --images_per_call to set how many run together")
     if F.preset not in ("auto", "config", "rgb2x", "x2rgb", "maskgit8"):
         raise CommandError(f"--preset {F.preset!r}: expected auto, config, rgb2x, x2rgb or maskgit8")
     positive("--diffusion_steps", F.diffusion_steps)
@@ -413,11 +426,13 @@ def run(argv, F) -> int:
     if ml4m:  # 4M's image tokenizers use 16-px patches: without pixel input, tok_rgb's grid says it
         res = next((m.grid[0] * 16 for m in spec.modalities if m.name.startswith("tok_rgb@")), res)
     names = {resolve_name(spec, key, "condition"): value for key, value in cond_items}
+    folder_name = resolve_name(spec, folder_items[0][0], "condition") if folder_items else None
     preset = F.preset
     if preset == "auto":
         from fourm.compat import ml4m_assets
 
-        preset = ml4m_assets.auto_preset(list(names)) if ml4m else "config"
+        given = list(names) + ([folder_name] if folder_name else [])
+        preset = ml4m_assets.auto_preset(given) if ml4m else "config"
     targets = [parse_target(spec, t, cfg, preset) for t in F.targets]
     seed = cfg.seed if F.seed is None else F.seed
     conditions = {n: read_condition(spec.modality(n), v, res, ml4m) for n, v in names.items()}
@@ -425,12 +440,20 @@ def run(argv, F) -> int:
         from fourm.compat import ml4m_assets
 
         needed = [t.name for t in targets] + ml4m_assets.needing_tokenizer(spec, conditions)
+        if folder_name and spec.modality(folder_name).kind != "pixels" and \
+                any(f.suffix.lower() in IMAGE_EXTS for f in folder_items[0][2]):
+            needed.append(folder_name)  # images of a token modality: tokenized
         toks = ml4m_assets.load_tokenizers(F.tokenizers, spec, needed, seed=seed,
                                            diffusion_steps=F.diffusion_steps)
     else:
         toks = load_tokenizers(F.tokenizers)
-    gen = Generator(model, toks, resize=cfg.resize, loop=cfg.loop, kv_cache=cfg.kv_cache)
+    gen = Generator(model, toks, resize=cfg.resize, loop=cfg.loop, kv_cache=cfg.kv_cache,
+                    buckets=int(cfg.get("buckets", 4)))
     load_s = time.perf_counter() - t0
+    if folder_items:
+        print(f"time: load {load_s:.1f} s")
+        return run_folder(gen, conditions, folder_name, folder_items[0][2], targets, seed, per_call,
+                          Path(F.out or cfg.out), res, ml4m)
     t0 = time.perf_counter()
     with CompileTimer() as compiled:
         out = gen.generate(conditions, targets, seed=seed, batch_size=batch)
@@ -442,6 +465,62 @@ def run(argv, F) -> int:
         print(f"{k}: {s:.2f} s")
     print(f"time: load {load_s:.1f} s, generate {gen_s:.1f} s (compile {compiled.seconds:.1f} s, "
           f"run {gen_s - compiled.seconds:.1f} s)")
+    return 0
+
+
+def folder_files(item: str, folder: Path) -> list[Path]:
+    files = sorted(f for f in folder.iterdir()
+                   if f.is_file() and f.suffix.lower() in IMAGE_EXTS + (".npy",))
+    if not files:
+        raise CommandError(f"--cond {item}: no images ({', '.join(IMAGE_EXTS)}) or .npy arrays in "
+                           "the folder")
+    return files
+
+
+def read_folder_chunk(mod, files: list[Path], res: int, ml4m: bool = False):
+    """The conditions of `files` stacked into one batch; every file must have the same shape."""
+    import numpy as np
+
+    arrays = [np.asarray(read_condition(mod, str(f), res, ml4m)) for f in files]
+    for f, a in zip(files[1:], arrays[1:]):
+        if a.shape != arrays[0].shape:
+            raise CommandError(f"--cond {mod.name}: {files[0].name} is {list(arrays[0].shape)} but "
+                               f"{f.name} is {list(a.shape)}; a folder's images must share one "
+                               "size (resize them first)")
+    return np.stack(arrays)
+
+
+def run_folder(gen, conditions: dict, name: str, files: list[Path], targets, seed: int,
+               per_call: int, root: Path, res: int, ml4m: bool = False) -> int:
+    """Generate for every file of a folder condition, `per_call` images per batched call: outputs
+    in root/batch_NNN (as a single run writes them), root/images.json maps each file to its
+    folder and sample; prints samples/s overall and after the first call (which compiles)."""
+    from fourm.data.folder import atomic_write_bytes
+    from fourm.runtime import CompileTimer
+
+    mod = gen.spec.modality(name)
+    index, times, compile_s = [], [], 0.0
+    for i, lo in enumerate(range(0, len(files), per_call)):
+        chunk = files[lo:lo + per_call]
+        cond = dict(conditions, **{name: read_folder_chunk(mod, chunk, res, ml4m)})
+        t0 = time.perf_counter()
+        with CompileTimer() as compiled:
+            out = gen.generate(cond, targets, seed=seed)
+        times.append((time.perf_counter() - t0, len(chunk)))
+        compile_s += compiled.seconds
+        sub = f"batch_{i:03d}"
+        write_outputs(root / sub, gen, cond, targets, out, res, ml4m=ml4m)
+        index += [{"file": str(f), "folder": sub, "sample": j} for j, f in enumerate(chunk)]
+        for n in out.notices:
+            print(f"notice: {n}")
+    atomic_write_bytes(root / "images.json", json.dumps(index, indent=1).encode())
+    total_s, n = sum(t for t, _ in times), len(files)
+    line = (f"generated {n} images in {len(times)} calls of up to {per_call}: {total_s:.1f} s "
+            f"(compile {compile_s:.1f} s), {n / total_s:.2f} samples/s")
+    if len(times) > 1:  # the calls after the first reuse its compiled programs
+        rest_s, rest_n = sum(t for t, _ in times[1:]), sum(k for _, k in times[1:])
+        line += f"; after the first call {rest_n / rest_s:.2f} samples/s"
+    print(line)
     return 0
 
 

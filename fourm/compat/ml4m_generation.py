@@ -350,9 +350,9 @@ def generation_section(ctx) -> list[Row]:
     """Rows for `fourm.compat.ml4m_check`: one per compared figure of each run."""
     if not (ctx.fixture / "generation.npz").exists():
         return []
-    # One compiled step body per run (lax.scan); the unrolled loop gives the same results and is
-    # checked against the scan in tests/test_generate_chain.py.
-    report = check_generation(ctx.model, ctx.fixture, loop="scan",
+    # The default loop (bucketed step programs, fourm.generate.stepwise); the scan and unrolled
+    # loops give the same results (tests/test_generate_chain.py).
+    report = check_generation(ctx.model, ctx.fixture, loop="auto",
                               compiler_options=getattr(ctx, "compiler_options", None),
                               text_tokenizer=ctx.extras.get("text_tokenizer"))
     ctx.extras["generation"] = report

@@ -10,8 +10,10 @@
 Conditions: any subset of the model's input modalities, each fully or partly given (see
 `fourm.generate.inputs`). Targets are decoded in order, each with its own scheme, schedule,
 temperature, top-k/top-p and guidance; each finished target becomes a condition of the next.
-Everything is batched over samples and deterministic for a given seed. Each target runs as one
-jitted function (encoder + sampler loop), compiled once per shape and setting.
+Everything is batched over samples and deterministic for a given seed. A grid target runs as a
+host loop over jitted step programs at a few bucketed shapes (`fourm.generate.stepwise`), shared
+by every step, call and target of the same shapes; a sequence target as one jitted function
+(encoder + KV-cached decoding loop), compiled once per shape and setting.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from fourm.generate import autoregressive as ar
-from fourm.generate import maskgit, model_fns, schedules
+from fourm.generate import maskgit, model_fns, schedules, stepwise
 from fourm.generate.inputs import (GenerationInputError, ModState, Normalised, Partial, TextIds,
                                    broadcast_states, condition_slots, pack_sequences, prepare_grid,
                                    prepare_pixels, prepare_sequence)
@@ -143,13 +145,18 @@ def _jitted(fn, compiler_options: tuple = ()):
 # ------------------------------------------------------------------------------------------
 # The generator
 # ------------------------------------------------------------------------------------------
+LOOPS = ("auto", "buckets", "scan", "unrolled")
+
+
 class Generator:
     """Chained generation with one model (+ optional tokenizers for native inputs/outputs).
 
     tokenizers: {modality name: ImageTokenizer | TextTokenizer}; a TextTokenizer under any key
       serves every sequence modality. resize: resize wrong-size images with a notice (else error).
-    loop: "auto" (exact shapes per MaskGIT/ROAR step when every sample has the same number of
-      known tokens; else a lax.scan), "scan" or "unrolled". kv_cache: False re-runs the decoder
+    loop: "auto" = "buckets" (a host loop over one jitted step program per bucketed shape,
+      `fourm.generate.stepwise`; `buckets` size classes per side: fast to compile and to run),
+      "scan" (one lax.scan at the largest step's shape) or "unrolled" (exact shapes per step in
+      one program; needs the same number of known tokens in every sample). kv_cache: False re-runs the decoder
       per token (the reference algorithm; for checks). text_ids: reserved text ids when no
       text tokenizer is given (4M's checkpoints: TextIds(num_sentinels=200)). compiler_options:
       XLA options for the stages (e.g. {"xla_backend_optimization_level": 0} to compile fast).
@@ -157,14 +164,18 @@ class Generator:
 
     def __init__(self, model, tokenizers: Mapping[str, Any] | None = None, *, resize: bool = True,
                  loop: str = "auto", kv_cache: bool = True, text_ids: TextIds | None = None,
-                 compiler_options: Mapping[str, Any] | None = None):
-        if loop not in ("auto", "scan", "unrolled"):
-            raise ValueError(f"loop must be auto, scan or unrolled, got {loop!r}")
+                 compiler_options: Mapping[str, Any] | None = None, buckets: int = 4):
+        if loop not in LOOPS:
+            raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {loop!r}")
+        if int(buckets) < 1:
+            raise ValueError(f"buckets must be >= 1, got {buckets}")
+        self.buckets = int(buckets)
         self.model, self.spec = model, model.spec
         self.graphdef, self.state = nnx.split(model)
         self.resize, self.loop, self.kv_cache = resize, loop, kv_cache
         opts = tuple(sorted((compiler_options or {}).items()))
         self._grid_fn, self._seq_fn = _jitted(_grid_stage, opts), _jitted(_seq_stage, opts)
+        self._step_fn = stepwise.jitted_model_step(opts)
         self.image_tokenizers, self.text_tokenizer = {}, None
         for key, tok in dict(tokenizers or {}).items():
             if hasattr(tok, "sentinel_id") or hasattr(tok, "eos_id"):
@@ -290,7 +301,16 @@ class Generator:
         if t.commit_step is not None:
             commit = np.broadcast_to(np.asarray(t.commit_step, np.int32).reshape(-1, n), (batch, n))
             maskgit.check_commit_step(commit, known, counts)
-        unrolled = self.loop == "unrolled" or (self.loop == "auto" and same)
+        if self.loop in ("auto", "buckets"):
+            step_fn = stepwise.model_step_fn(
+                self._step_fn, self.graphdef, self.state, cond, name=t.name, scheme=scheme,
+                flt=t.filter(), choice_temperature=float(t.choice_temperature),
+                return_trace=return_trace, groups=len(removed))
+            res = stepwise.bucketed_decode(
+                step_fn, tokens, known, key, counts, temps, guidance if len(removed) > 1 else None,
+                scheme=scheme, commit_step=commit, return_trace=return_trace, buckets=self.buckets)
+            return self._grid_result(res, counts, batch, n, return_trace)
+        unrolled = self.loop == "unrolled"
         if unrolled and not same:
             raise GenerationInputError("loop='unrolled' needs the same number of known tokens and "
                                        "the same schedule for every sample")
@@ -300,6 +320,10 @@ class Generator:
             return_trace=return_trace, groups=len(removed),
             static_counts=tuple(int(c) for c in counts[0]) if unrolled else None,
             num_known=int(known[0].sum()) if unrolled else None)
+        return self._grid_result(res, counts, batch, n, return_trace)
+
+    @staticmethod
+    def _grid_result(res, counts, batch, n, return_trace):
         out = ModState(np.asarray(res.tokens), np.ones((batch, n), bool))
         tr = {"decode_step": np.asarray(res.decode_step), "num_tokens_per_step": counts}
         if return_trace:
@@ -394,6 +418,7 @@ def check_tokenizers(spec, image_tokenizers: Mapping[str, Any], text_tokenizer) 
 def generate(model, conditions: Mapping[str, Any], targets: Sequence[Target | str], *,
              tokenizers: Mapping[str, Any] | None = None, seed: int = 0, **kw) -> Generation:
     """One-shot `Generator(model, tokenizers).generate(conditions, targets, seed=seed, ...)`."""
-    gen_kw = {k: kw.pop(k) for k in ("resize", "loop", "kv_cache", "text_ids", "compiler_options")
+    gen_kw = {k: kw.pop(k) for k in ("resize", "loop", "kv_cache", "text_ids", "compiler_options",
+                                     "buckets")
               if k in kw}
     return Generator(model, tokenizers, **gen_kw).generate(conditions, targets, seed=seed, **kw)

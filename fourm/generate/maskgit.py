@@ -117,32 +117,9 @@ def iterative_decode(logits_fn: LogitsFn, tokens: jax.Array, known: jax.Array, r
     forced = None if commit_step is None else jnp.asarray(commit_step, jnp.int32)
 
     def body(carry, xs, sizes=None):
-        tokens, known, decode_step = carry
-        step, count, temp, weights, key = xs
-        sample_key, choice_key = jax.random.split(key)
-        query = ~known if scheme == "maskgit" else (forced == step) & ~known
-        rows = jnp.arange(B, dtype=jnp.int32)[:, None] * N  # noise row id = b * N + position
-        if sizes is None:
-            logits = logits_fn(tokens, known, query)
-            qpos = None
-        else:  # compact: logits of the queried positions only, and which positions they are
-            logits, qpos = logits_fn(tokens, known, query, sizes=sizes)
-        if logits.ndim == 4:
-            logits = guide(logits, weights)
-        pos = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N)) if qpos is None else qpos
-        ids, logp = sample_tokens(logits, sample_key, temp, flt, row_ids=rows + pos)
-        if qpos is not None:
-            bidx = jnp.arange(B)[:, None]
-            ids = jnp.zeros((B, N), jnp.int32).at[bidx, qpos].set(ids)
-            logp = jnp.zeros((B, N), jnp.float32).at[bidx, qpos].set(logp)
-        frac = step.astype(jnp.float32) / S
-        select = _select(scheme, step, (ids, logp), known, count, forced, choice_key,
-                         choice_temperature, frac)
-        tokens = jnp.where(select, ids, tokens)
-        decode_step = jnp.where(select, step, decode_step)
-        carry = (tokens, known | select, decode_step)
-        trace = (jnp.where(query, ids, -1), jnp.where(query, logp, 0.0)) if return_trace else None
-        return carry, trace
+        return grid_step(logits_fn, carry, xs, S, scheme=scheme, flt=flt, forced=forced,
+                           choice_temperature=choice_temperature, return_trace=return_trace,
+                           sizes=sizes)
 
     xs = (jnp.arange(S, dtype=jnp.int32), counts.T, temperatures, guidance,
           jax.random.split(rng, S))
@@ -161,6 +138,44 @@ def iterative_decode(logits_fn: LogitsFn, tokens: jax.Array, known: jax.Array, r
     if return_trace:
         return GridResult(tokens, decode_step, trace[0], trace[1])
     return GridResult(tokens, decode_step, None, None)
+
+
+def grid_step(logits_fn: LogitsFn, carry, xs, num_steps, *, scheme: str, flt: Filter,
+              forced: jax.Array | None, choice_temperature: float, return_trace: bool,
+              sizes: tuple[int, int] | None = None):
+    """One MaskGIT/ROAR step: carry (tokens, known, decode_step), xs (step, count[B], temperature,
+    guidance weights[K], key) -> (carry, (trace ids, trace log-probs) or None).
+
+    The body of `iterative_decode`'s loop, and the whole of a bucketed step
+    (`fourm.generate.stepwise`): `sizes` = static (known slots, query slots), each at least the
+    largest count of any sample this step (padding slots are invalid and never read)."""
+    tokens, known, decode_step = carry
+    step, count, temp, weights, key = xs
+    B, N = tokens.shape
+    sample_key, choice_key = jax.random.split(key)
+    query = ~known if scheme == "maskgit" else (forced == step) & ~known
+    rows = jnp.arange(B, dtype=jnp.int32)[:, None] * N  # noise row id = b * N + position
+    if sizes is None:
+        logits = logits_fn(tokens, known, query)
+        qpos = None
+    else:  # compact: logits of the queried positions only, and which positions they are
+        logits, qpos = logits_fn(tokens, known, query, sizes=sizes)
+    if logits.ndim == 4:
+        logits = guide(logits, weights)
+    pos = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N)) if qpos is None else qpos
+    ids, logp = sample_tokens(logits, sample_key, temp, flt, row_ids=rows + pos)
+    if qpos is not None:
+        bidx = jnp.arange(B)[:, None]
+        ids = jnp.zeros((B, N), jnp.int32).at[bidx, qpos].set(ids)
+        logp = jnp.zeros((B, N), jnp.float32).at[bidx, qpos].set(logp)
+    frac = step.astype(jnp.float32) / num_steps
+    select = _select(scheme, step, (ids, logp), known, count, forced, choice_key,
+                     choice_temperature, frac)
+    tokens = jnp.where(select, ids, tokens)
+    decode_step = jnp.where(select, step, decode_step)
+    carry = (tokens, known | select, decode_step)
+    trace = (jnp.where(query, ids, -1), jnp.where(query, logp, 0.0)) if return_trace else None
+    return carry, trace
 
 
 def check_counts(counts: np.ndarray, known: np.ndarray) -> None:

@@ -224,14 +224,16 @@ class ImageTokenizer:
             raise ValueError(f"{self.name}: empty batch")
         # Chunks of a power-of-two size (<= chunk_size): few distinct shapes, so few compilations.
         size = min(self.chunk_size, 1 << (n - 1).bit_length())
-        outs = []
+        pending = []
         for i in range(0, n, size):
             part = x[i:i + size]
             pad = size - part.shape[0]
             if pad:  # pad the last chunk so its shape matches the compiled one
                 part = np.concatenate([part, np.repeat(part[-1:], pad, 0)])
-            res = jax.device_get(fn(self.weights, part))
-            outs.append(jax.tree.map(lambda a: a[:size - pad], res))
+            # Dispatch every chunk before fetching any: the device (or XLA's CPU threads) works
+            # on chunk i while the host slices and transfers chunk i + 1.
+            pending.append((fn(self.weights, part), size - pad))
+        outs = [jax.tree.map(lambda a, k=k: a[:k], jax.device_get(res)) for res, k in pending]
         return jax.tree.map(lambda *a: np.concatenate(a), *outs)
 
     def encode(self, x, *, return_info: bool = False):

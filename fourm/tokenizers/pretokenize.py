@@ -26,6 +26,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol, Sequence
@@ -180,6 +182,47 @@ def tokenize_batch(batch: Sequence[Mapping[str, Any]], specs: Mapping[str, dict]
     return out
 
 
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """`items` produced on a background thread, up to `depth` ahead, in order. Reading and
+    decoding the next batch (Python, NumPy, image codecs) overlaps encoding this one (XLA's
+    threads, which release the GIL): both cores stay busy even without worker processes. The
+    producer's exceptions re-raise here; closing the generator early stops the producer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put((done, e))
+
+    thread = threading.Thread(target=produce, name="pretokenize-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = q.get()
+            if item is done:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+
+
 class _Fetch:
     """Picklable `indices -> [(index, sample)]` for worker processes (augmented in the worker,
     deterministically in (augment.seed, index))."""
@@ -303,8 +346,9 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
             writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
             lengths: dict[str, list[int]] = {n: [] for n, s in specs.items() if s["kind"] == "sequence"}
             try:
-                for batch in _batches(_sample_iter(source, range(lo, hi), pool, workers,
-                                                         augment=augment), batch_size):
+                batches = _batches(_sample_iter(source, range(lo, hi), pool, workers,
+                                                augment=augment), batch_size)
+                for batch in prefetch(batches):
                     records = tokenize_batch(batch, specs, image_tokenizers, text_tokenizer,
                                              batch_size=batch_size, default_size=default_size,
                                              strict_metadata=strict_metadata)

@@ -16,6 +16,8 @@ import math
 import re
 from typing import Any
 
+from fourm.train import roofline
+
 # Chip grids Cloud TPU uses per chip count (3-D torus generations and 2-D ones).
 _GRID_3D = {1: "1x1x1", 2: "1x2x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4",
             128: "4x4x8", 256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16",
@@ -132,6 +134,7 @@ class CompileReport:
     model_flops: float  # whole step, all chips, analytic (see model_flops_per_step)
     collectives: dict
     compile_s: float
+    bytes_accessed: float = float("nan")  # per chip per step, XLA's cost analysis (as flops)
 
     @property
     def peak_bytes(self) -> int:
@@ -153,7 +156,8 @@ def analyse(compiled, *, topology: str, num_chips: int, mesh: dict, params: int,
         argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
         flops=float((cost or {}).get("flops", float("nan"))), model_flops=float(model_flops),
-        collectives=collective_counts(compiled.as_text()), compile_s=compile_s)
+        collectives=collective_counts(compiled.as_text()), compile_s=compile_s,
+        bytes_accessed=float((cost or {}).get("bytes accessed", float("nan"))))
 
 
 def format_report(r: CompileReport, hbm_bytes: int | None = None) -> str:
@@ -170,7 +174,21 @@ def format_report(r: CompileReport, hbm_bytes: int | None = None) -> str:
         "  collectives: " + (", ".join(f"{k} x{v}" for k, v in sorted(r.collectives.items())) or "none"),
         f"  compile time: {r.compile_s:.1f} s",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + roofline_lines(r))
+
+
+def roofline_lines(r: CompileReport) -> list[str]:
+    """Roofline step time per chip. FLOPs: the larger of the analytic model count per chip and
+    XLA's (which counts a scanned layer once); bytes: XLA's "bytes accessed" (also counted once
+    per loop body, so the memory time is a lower bound)."""
+    gen = parse_topology(r.topology).generation
+    flops = max(x for x in (r.model_flops / max(r.num_chips, 1), r.flops) if x == x) \
+        if r.model_flops == r.model_flops or r.flops == r.flops else float("nan")
+    if not (flops == flops and r.bytes_accessed == r.bytes_accessed):
+        return ["  roofline: no cost analysis from the compiler"]
+    est = roofline.estimate(flops, r.bytes_accessed, gen)
+    return [f"  XLA cost analysis per chip: {r.flops:.3e} FLOPs, {r.bytes_accessed:.3e} bytes "
+            "accessed (loop bodies counted once)", "  " + roofline.format_line(est)]
 
 
 def compile_train_step(config, topology: str) -> CompileReport:
