@@ -332,3 +332,20 @@ def test_native_grid_conditions_go_through_their_tokenizer(assets):
     assert ml4m_assets.needing_tokenizer(model.spec, {"tok_depth@224": depth, "caption": "a dog",
                                                       "tok_rgb@224": np.zeros((14, 14), np.int32)}) == \
         ["tok_depth@224", "caption"]
+
+
+@pytest.mark.slow
+def test_folder_of_images_with_a_4m_checkpoint(assets, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(5)
+    for i, (h, w) in enumerate([(240, 320), (300, 200), (224, 224)]):  # 4M's crop + resize evens them out
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / f"{i}.jpg")
+    out = tmp_path / "out"
+    rc = _generate_in_process(["--checkpoint", str(MODEL_A), "--tokenizers", str(assets / "tokenizers"),
+                               "--cond", f"rgb={photos}", "--targets", "depth", "--images_per_call", "2",
+                               "--out", str(out)])
+    assert rc == 0
+    index = json.loads((out / "images.json").read_text())
+    assert [e["folder"] for e in index] == ["batch_000", "batch_000", "batch_001"]
+    assert _png(out / "batch_001" / "000_tok_depth_224.png").shape == (224, 224, 3)
