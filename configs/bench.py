@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.quick = quick
   c.variant = arg or ""
   c.only = ["model", "train", "generate", "tokenizer", "ml4m_tokenizer", "scenes", "pretokenize", "masking",
-            "pipeline", "trainer", "integrity"]
+            "pipeline", "trainer", "integrity", "finetune"]
   c.device = "cpu"  # cpu | gpu (gpu: bf16 compute, MFU against peak_tflops)
   c.dtype = ""  # compute dtype; "" = float32 on cpu, bfloat16 on gpu
   c.peak_tflops = 989.0  # dense bf16 peak of one H100/H200 SXM, for MFU
@@ -116,6 +116,15 @@ def get_config(arg=None):
       input_batches=3 if quick else 20,
       scenes=64 if quick else 256,
   ))
+
+  # Fine-tuning / backbone vs scratch on held-out scenes (fourm.bench.finetune): model size,
+  # pretraining and fine-tuning steps, probe steps.
+  c.finetune = ml_collections.ConfigDict(dict(
+      dim=32 if quick else 192, depth=1 if quick else 4, heads=2 if quick else 3,
+      batch=8 if quick else 32, lr=3e-3 if quick else 2e-3,
+      scenes=16 if quick else 2048, heldout_scenes=8 if quick else 128,
+      pretrain_steps=2 if quick else 400, finetune_steps=2 if quick else 100,
+      probe_scenes=16 if quick else 512, probe_steps=2 if quick else 300))
 
   # Checkpoint durability window and shard verification cost (fourm.bench.integrity).
   c.integrity = ml_collections.ConfigDict(dict(

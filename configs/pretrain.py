@@ -50,6 +50,13 @@ def get_config(arg="tiny"):
   c.model = model_config("tiny", "swiglu")
   c.model.modalities = list(SCENE_MODALITIES)
 
+  # ---- initialisation (fine-tuning; fourm.train.finetune): "" = from scratch, else a fourm export
+  # or an official 4M folder. Parameters the checkpoint lacks start fresh (named in the log).
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = ""
+  c.init.freeze = ()  # parameter-name globs kept as loaded, e.g. ("encoder/*", "enc_embed/*")
+  c.init.new_lr = 0.0  # peak lr of the parameters the checkpoint lacks (0 = optim.lr)
+
   # ---- optimisation (4M: AdamW 0.9/0.95, wd 0.05, warmup + cosine) ----
   c.batch_size = 64  # global, over all processes
   c.grad_accum = 1  # micro-batches per step (batch_size / grad_accum each)

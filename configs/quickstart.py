@@ -37,4 +37,6 @@ def get_config(arg=None):
   c.num_generate = 4 if smoke else 8
   c.maskgit_steps = 4 if smoke else 8
   c.caption_tokens = 24 if smoke else 48
+  # Held-out scenes (after the evaluated ones) on which the caption -> RGB checker is validated.
+  c.checker_scenes = 50 if smoke else 300
   return c

@@ -4,6 +4,9 @@ Each stage is a function of the quickstart config that writes into `workdir/<sta
 writing `workdir/<stage>/DONE.json` (atomically, with its figures and wall time). A stage whose
 DONE.json exists is skipped; an unfinished one is re-entered, and the stages underneath resume
 (tokenizer/model training from their orbax checkpoints, pre-tokenization shard by shard).
+The report stage also writes `workdir/quality.json` (fourm.quality.table): per task the model's
+figure beside its tokenizer's ceiling, a mean baseline and, when `workdir/specialists.json`
+exists (python -m fourm.bench.specialists --data WORKDIR), the single-task specialist's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Callable
 import ml_collections
 
 from fourm.io import atomic_write_json
+from fourm.quality import table as quality_table
 
 IMAGE_TOKENIZERS = {  # scene field -> (recipe, modality of the tokens)
     "rgb": ("rgb", "tok_rgb@64"),
@@ -240,7 +244,7 @@ def stage_generate(cfg, out: Path) -> dict:
         resolution=cfg.resolution, batch_size=8, train_scenes=min(256, int(cfg.train_scenes)),
         grid_target=grid_target("?", steps=steps),
         caption_target=text_target("caption", max_new_tokens=int(cfg.caption_tokens)),
-        progress=False)
+        checker_scenes=int(cfg.checker_scenes), progress=False)
     print(gen_eval.format_figures(figures))
     return {"figures": figures, "captions": captions,
             "seconds": {k: float(v) for k, v in res.seconds.items()},
@@ -281,13 +285,30 @@ def stage_report(cfg, out: Path) -> dict:
     sections.append(("Pretraining", report.img_html("report/loss.png", "training loss per modality")))
     g = done.get("generate", {})
     figs = g.get("figures", {})
+    quality = write_quality(cfg, done)
     sections.append(("Generation on held-out scenes",
                      report.img_html("generate/rgb_to_all.png", "RGB -> depth, normals, segmentation, caption")
                      + report.img_html("generate/caption_to_rgb.png", "caption -> RGB")
+                     + "<h3>Quality: the model beside single-task specialists (quality.json)</h3>"
+                     + report.table_html(quality_table.rows_for_report(quality))
+                     + "<p>specialist: <code>python -m fourm.bench.specialists --data WORKDIR --minutes M"
+                     "</code> writes specialists.json, read here if present ('-' where not measured)</p>"
                      + report.table_html([{"figure": k, "value": v} for k, v in figs.items()
                                           if isinstance(v, (int, float))])))
     path = report.write_report(root / "report.html", "fourm quickstart", sections)
-    return {"report": str(path)}
+    return {"report": str(path), "quality": str(root / "quality.json")}
+
+
+def write_quality(cfg, done: dict) -> dict:
+    """`workdir/quality.json` (fourm.quality.table's schema) from the generation figures, the
+    stages' wall times and, if `workdir/specialists.json` exists, the specialists' figures."""
+    root = Path(cfg.workdir)
+    minutes = {n: d.get("wall_s", 0.0) / 60 for n, d in done.items() if n in quality_table.STAGE_NAMES}
+    q = quality_table.build(done.get("generate", {}).get("figures", {}), minutes,
+                            quality_table.read_specialists(root / "specialists.json"))
+    quality_table.check_schema(q)
+    _write_json(root / "quality.json", q)
+    return q
 
 
 STAGES = (("scenes", stage_scenes), ("tokenizers", stage_tokenizers),

@@ -23,7 +23,7 @@ def test_compile_smoke_train_step_for_v5p_8(monkeypatch):
     # Compile only: let libtpu load even if another process on this machine holds its lock.
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     cfg = load_config("pretrain:smoke", ["mesh.data=2", "mesh.fsdp=2"])
-    report = aot.compile_train_step(cfg, "v5p-8")
+    report = aot.compile_for_topology(cfg, "v5p-8")
     assert report.num_chips == 4 and report.mesh == {"data": 2, "fsdp": 2, "tensor": 1}
     assert report.params > 100_000
     assert 0 < report.peak_bytes < aot.parse_topology("v5p-8").hbm_bytes

@@ -53,6 +53,18 @@ def test_quickstart_smoke_runs_and_caches(tmp_path):
         assert (work / picture).stat().st_size > 1000
     for figure in ("psnr", "abs_rel", "angle_mean_deg", "pixel_acc", "codebook_usage_pct", "depth_rmse"):
         assert figure in report, figure  # every tokenizer's own figures, and generation's
+    # quality.json: the schema; every RGB -> X figure measured (specialists: not in this run).
+    from fourm.quality import table
+
+    quality = json.loads((work / "quality.json").read_text())
+    table.check_schema(quality)
+    for task in ("rgb->depth", "rgb->normals", "rgb->semseg", "rgb->caption"):
+        row = quality["tasks"][task]
+        assert row["fourm"] is not None and row["tokenizer_ceiling"] is not None, (task, row)
+        assert row["mean_baseline"] is not None and row["specialist"] is None, (task, row)
+    assert 0 <= quality["tasks"]["caption->rgb"]["checker_accuracy_on_true_images"] <= 1
+    assert quality["minutes"]["pretrain"] > 0
+    assert "Quality: the model beside single-task specialists" in report and "rgb-&gt;semseg" in report
     # The model learned something in its few steps: the loss fell.
     metrics = [json.loads(l) for l in (work / "pretrain" / "metrics.jsonl").read_text().splitlines() if l]
     losses = [m["loss"] for m in metrics if m.get("split") == "train" and "loss" in m]

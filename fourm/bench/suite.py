@@ -9,8 +9,10 @@ encode, ported to JAX), scenes (generator), pretokenize
 (scenes -> tokens -> ArrayRecord shards), masking (4M masking transform), pipeline (shards ->
 grain -> masked batches, as the trainer reads them), trainer (fourm.bench.train: the real trainer's
 step, input and checkpoint on scene shards), integrity (fourm.bench.integrity: checkpoint
-durability window, shard sha256 cost), divae (4M's DiVAE decode, fourm.bench.divae; not in
-the default list: 1000 DDPM steps at 224 px take long on a CPU). Each group is a function `config -> list of
+durability window, shard sha256 cost), finetune (fourm.bench.finetune: fine-tuning and the
+encoder as a backbone vs training from scratch, held-out quality), divae (4M's DiVAE decode,
+fourm.bench.divae; not in the default list: 1000 DDPM steps at 224 px take long on a CPU). Each
+group is a function `config -> list of
 Result` (fourm.bench.common). Scenes, masking, tokenizers and shards call the per-area benchmark
 functions (fourm.bench.scenes.cpu_rate / measure, fourm.masking.__main__.benchmark,
 fourm.bench.tokenizer, fourm.bench.shards); model, train step, generation and the input pipeline are
@@ -453,6 +455,24 @@ def bench_trainer(c) -> list[Result]:
                f"{f['ckpt_blocking_s']} s", **shared)]
 
 
+def bench_finetune(c) -> list[Result]:
+    """Fine-tuning vs scratch and the encoder as a backbone (fourm.bench.finetune): quality figures
+    on held-out scenes; `seconds` is each run's training wall time."""
+    from fourm.bench import finetune
+
+    fig = finetune.run(c.finetune)
+    print(finetune.format_figures(fig))
+    out = []
+    for group, runs in (("finetune.normals", fig["finetune"]), ("finetune.semseg", fig["backbone"])):
+        for name, r in runs.items():
+            if not isinstance(r, dict):
+                continue
+            out.append(Result(f"{group}.{name}", r["train_s"], None, "",
+                              note=f"held-out loss {r['loss']:.4f}, accuracy {r['accuracy']:.4f}",
+                              extra=dict(heldout_loss=r["loss"], heldout_accuracy=r["accuracy"])))
+    return out
+
+
 def bench_integrity(c) -> list[Result]:
     """Checkpoint durability window (save call -> finalised, with the loop stepping) under the
     trainer's default policy and fully async, and the shard sha256 verification cost."""
@@ -481,7 +501,7 @@ GROUPS: dict[str, Callable] = {
     "ml4m_tokenizer": bench_ml4m_tokenizer,
     "scenes": bench_scenes, "pretokenize": bench_pretokenize, "masking": bench_masking,
     "pipeline": bench_pipeline, "trainer": bench_trainer, "integrity": bench_integrity,
-    "divae": bench_divae,
+    "divae": bench_divae, "finetune": bench_finetune,
 }
 
 

@@ -41,13 +41,12 @@ def _main(argv):
     import jax
     import numpy as np
 
-    from fourm import modalities as modreg
     from fourm.bench.shards import make_scene_shards
-    from fourm.masking import GrainMasking, MaskingTransform
     from fourm.data.shards import open_shards
+    from fourm.masking import GrainMasking
     from fourm.train import aot, checkpointing, input_pipeline, trainer
-    from fourm.train.mesh import describe, make_mesh
-    from fourm.train.optimizer import make_optimizer
+    from fourm.train.mesh import describe
+    from fourm.train.plan import build_plan
 
     config = _CONFIG.value
     tmp = Path(tempfile.mkdtemp(prefix="fourm_bench_"))
@@ -59,16 +58,11 @@ def _main(argv):
         print(f"made {_SCENES.value} scene shards in {time.perf_counter() - t0:.1f} s "
               f"(patch-quantizer tokenizers, fourm.bench.shards)")
 
-    mesh = make_mesh(config.mesh)
-    trainer.check_batch(config, mesh)
     source, manifest = open_shards(config.data.dir)
-    trainer.check_manifest(config, manifest, config.data.dir)
-    modalities = modreg.resolve(config.model.modalities, config.model.get("family", "fourm"),
-                                dict(config.model.vocab_overrides))
-    masking = MaskingTransform.from_config(config.masking, modalities)
-    spec = masking.output_spec()
-    tokens = config.batch_size * (masking.input_budget + masking.target_budget)
-    batch_sh = input_pipeline.batch_shardings(mesh, {k: np.zeros((1, *s), d) for k, (s, d) in spec.items()})
+    plan = build_plan(config, manifest, data_dir=config.data.dir)  # the trainer's own step
+    config, mesh, masking = plan.resolved_config(), plan.mesh, plan.masking
+    tokens = config.batch_size * plan.tokens_per_example
+    batch_sh = plan.batch_shardings
     row_offset, _ = input_pipeline.process_rows(batch_sh["enc_ids"], config.batch_size)
     ds = input_pipeline.build_dataset(
         source, transform=GrainMasking(masking), decode=trainer.SelectModalities(config.model.modalities),
@@ -84,23 +78,16 @@ def _main(argv):
     input_s = (time.perf_counter() - t0) / _BATCHES.value
 
     # ---- the update step
-    tx, schedule = make_optimizer(config.optim, config.num_train_steps)
-    graphdef, abstract_state, init_fn = trainer.abstract_train_state(config, tx)
-    state_sh = trainer.state_shardings(abstract_state, mesh, tx)
-    abstract_state = trainer.with_shardings(abstract_state, state_sh)
-    train_step, _ = trainer.jit_steps(config, graphdef, tx, schedule, abstract_state, state_sh,
-                                      batch_sh, mesh)
     batch = input_pipeline.global_batch_array(next(it), batch_sh, row_offset)
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = train_step.lower(abstract_state, batch).compile()
+    train_step, _ = plan.compile_train_step()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
+    cost = train_step.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float(cost.get("flops", float("nan"))) * mesh.devices.size  # per-device program
-    flops = aot.model_flops_per_step(config.model, modalities, masking.input_budget,
+    flops = aot.model_flops_per_step(config.model, plan.modalities, masking.input_budget,
                                      masking.target_budget, config.batch_size)
-    state = jax.jit(init_fn, out_shardings=state_sh)()
+    state = plan.init_state()
     with jax.set_mesh(mesh):
         state, m = train_step(state, batch)  # warm-up
         jax.block_until_ready(m)
@@ -122,7 +109,7 @@ def _main(argv):
     save_s = time.perf_counter() - t0
     ck.close()
 
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
+    n_params = plan.num_params
     figures = dict(
         config=config.variant, devices=mesh.devices.size, mesh=describe(mesh), params=n_params,
         batch=config.batch_size, tokens_per_step=tokens, compile_s=round(compile_s, 2),

@@ -38,7 +38,7 @@ def run(argv, F) -> int:
     reports, fits_all = [], True
     for name in F.topology:
         topo = aot.parse_topology(name)
-        report = aot.compile_train_step(F.config, name)
+        report = aot.compile_for_topology(F.config, name)
         fits_all &= report.fits(topo.hbm_bytes)
         print(aot.format_report(report, topo.hbm_bytes), flush=True)
         reports.append(dict(dataclasses.asdict(report), peak_bytes=report.peak_bytes,

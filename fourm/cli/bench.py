@@ -10,7 +10,8 @@
 Prints, per figure: name | time | CPU time | throughput | peak mem | FLOPs | FLOP/s | [MFU |] vs
 reference (the PyTorch ml-4m timings on the 2-core CPU machine, where the shapes match). Groups:
 model, train (train step at the model's shapes), generate, tokenizer, scenes, pretokenize, masking,
-pipeline, trainer (the real trainer via fourm.bench.train), divae (4M's DiVAE decode: DDIM vs DDPM;
+pipeline, trainer (the real trainer via fourm.bench.train), finetune (fine-tuning and the encoder as
+a backbone vs scratch), divae (4M's DiVAE decode: DDIM vs DDPM;
 only on request, `--only divae`); see fourm.bench.suite. Settings are
 fields of configs/bench.py (`--config configs/bench.py:quick`, `--config.model.sizes=tiny`); the
 plain flags are aliases of those fields and win over them. Exit status 1 when a group failed.
@@ -34,8 +35,8 @@ def define_flags(fv, argv):
     define_config_flag("bench", fv, argv)
     d = dict(flag_values=fv)
     flags.DEFINE_list("only", None, "benchmark groups to run (model, train, generate, tokenizer, "
-                      "ml4m_tokenizer, scenes, pretokenize, masking, pipeline, trainer, divae); alias of "
-                      "config.only", **d)
+                      "ml4m_tokenizer, scenes, pretokenize, masking, pipeline, trainer, integrity, "
+                      "finetune, divae); alias of config.only", **d)
     flags.DEFINE_list("skip", [], "benchmark groups to leave out", **d)
     flags.DEFINE_boolean("quick", False, "small shapes for a CI smoke run (= --config "
                          "configs/bench.py:quick)", **d)

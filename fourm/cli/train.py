@@ -45,7 +45,11 @@ def run(args, F) -> int:
     except trainer.NonFiniteError as e:
         print(f"fourm-train: stopped: {e}", file=sys.stderr)
         return 3
-    state = "preempted, checkpoint saved" if result.preempted else "done"
+    if result.preempted:  # a SIGTERM before the first step saves nothing
+        state = ("preempted, checkpoint saved" if result.step > 0
+                 else "preempted before the first step, nothing saved")
+    else:
+        state = "done"
     loss = result.last_metrics.get("loss")
     print(f"fourm-train: {state} at step {result.step}; "
           + (f"loss {loss:.4f}; " if loss is not None else "") + f"workdir {result.workdir}")

@@ -44,13 +44,15 @@ from jax.sharding import PartitionSpec as P
 from fourm.model.sharding import BATCH_AXES, current_mesh
 
 
-def _layout(head_ids: jax.Array, num_heads: int, align: int):
+def _layout(head_ids: jax.Array, num_heads: int, align: int, chunk: int):
     """Buffer row of every token (C = out of range for tokens without head), run starts, counts.
 
     Each head's run starts at a multiple of `align` (the tail chunk size), so a run of n tokens
-    wastes at most align - 1 rows."""
+    wastes at most align - 1 rows. The buffer holds at least one full chunk even when there are
+    fewer tokens (few samples per device, one target modality): the full-chunk loop then runs
+    zero times, but its slice of `chunk` rows must still fit the buffer to be traced."""
     t = head_ids.shape[0]
-    cap = t + num_heads * align
+    cap = max(t + num_heads * align, chunk)
     onehot = (head_ids[:, None] == jnp.arange(num_heads, dtype=head_ids.dtype)[None, :]).astype(jnp.int32)
     counts = onehot.sum(0)
     rank = jnp.cumsum(onehot, axis=0) - 1
@@ -107,7 +109,7 @@ def _forward(h, head_ids, targets, weights, token_weights, chunk, grads: bool, g
     """Bucketed pass over every head. With `grads`, also the gradients of sum_t token_weights_t *
     nll_t: dh (T, D) and dW per head (grad_w), from the same chunk logits (no recomputation)."""
     m_heads = len(weights)
-    dest, valid, starts, counts, cap = _layout(head_ids, m_heads, _tail(chunk))
+    dest, valid, starts, counts, cap = _layout(head_ids, m_heads, _tail(chunk), chunk)
     dim = h.shape[1]
     hb = jnp.zeros((cap, dim), h.dtype).at[dest].set(h, mode="drop")
     tb = jnp.zeros((cap,), jnp.int32).at[dest].set(targets.astype(jnp.int32), mode="drop")

@@ -14,9 +14,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 from typing import Any
 
+from fourm.model.sizes import mlp_hidden_dim
 from fourm.train import roofline
+from fourm.train.plan import build_plan
 
 # Chip grids Cloud TPU uses per chip count (3-D torus generations and 2-D ones).
 _GRID_3D = {1: "1x1x1", 2: "1x2x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4",
@@ -102,8 +105,6 @@ def model_flops_per_step(model_cfg, modalities, n_enc: int, n_dec: int, batch: i
     analysis counts a while-loop body once, so scanned layers and chunked heads are undercounted.
     Head cost uses the mean vocabulary of the target modalities (budgets split evenly on average).
     """
-    from fourm.model.sizes import mlp_hidden_dim
-
     d = int(model_cfg.dim)
     gated = bool(model_cfg.get("gated_mlp", True))
     h = int(model_cfg.get("mlp_hidden") or 0) or mlp_hidden_dim(d, float(model_cfg.mlp_ratio), gated)
@@ -191,47 +192,18 @@ def roofline_lines(r: CompileReport) -> list[str]:
             "accessed (loop bodies counted once)", "  " + roofline.format_line(est)]
 
 
-def compile_train_step(config, topology: str) -> CompileReport:
+def compile_for_topology(config, topology: str) -> CompileReport:
     """Lower and compile the trainer's real update step for `topology`; no data, no TPU needed.
 
-    Uses the same pieces as `fourm.train.trainer.train`: model, optimizer, state shardings from
-    the logical-axis rules, batch shardings, donation. Vocabularies come from the registry (plus
-    `config.model.vocab_overrides`), since there is no data manifest here.
+    The step comes from the trainer's own plan (`fourm.train.plan.build_plan`): model, optimizer,
+    state shardings from the logical-axis rules, batch shardings, donation. Vocabularies come from
+    the registry (plus `config.model.vocab_overrides`), since there is no data manifest here.
     """
-    import time
-
-    import jax
-    import numpy as np
-
-    from fourm import modalities as modreg
-    from fourm.masking import MaskingTransform
-    from fourm.train import input_pipeline, trainer
-    from fourm.train.mesh import make_mesh
-    from fourm.train.optimizer import make_optimizer
-
     topo = parse_topology(topology)
-    devices = topology_devices(topo)
-    mesh = make_mesh(config.mesh, devices)
-    trainer.check_batch(config, mesh, process_count=1)
-    modalities = modreg.resolve(config.model.modalities, config.model.get("family", "fourm"),
-                                dict(config.model.vocab_overrides))
-    masking = MaskingTransform.from_config(config.masking, modalities)
-    spec = masking.output_spec()
-    tx, schedule = make_optimizer(config.optim, config.num_train_steps)
-    graphdef, abstract_state, _ = trainer.abstract_train_state(config, tx)
-    state_sh = trainer.state_shardings(abstract_state, mesh, tx)
-    abstract_state = trainer.with_shardings(abstract_state, state_sh)
-    example = {k: np.zeros((1, *s), d) for k, (s, d) in spec.items()}
-    batch_sh = input_pipeline.batch_shardings(mesh, example)
-    abstract_batch = {k: jax.ShapeDtypeStruct((config.batch_size, *s), d, sharding=batch_sh[k])
-                      for k, (s, d) in spec.items()}
-    step_fn, _ = trainer.jit_steps(config, graphdef, tx, schedule, abstract_state, state_sh,
-                                   batch_sh, mesh)
+    plan = build_plan(config, None, devices=topology_devices(topo), process_count=1)
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = step_fn.lower(abstract_state, abstract_batch).compile()
-    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
-    flops = model_flops_per_step(config.model, modalities, masking.input_budget,
-                                 masking.target_budget, config.batch_size)
-    return analyse(compiled, topology=topology, num_chips=topo.num_chips, mesh=dict(mesh.shape),
-                   params=params, compile_s=time.perf_counter() - t0, model_flops=flops)
+    compiled, _ = plan.compile_train_step()
+    flops = model_flops_per_step(config.model, plan.modalities, plan.masking.input_budget,
+                                 plan.masking.target_budget, config.batch_size)
+    return analyse(compiled, topology=topology, num_chips=topo.num_chips, mesh=dict(plan.mesh.shape),
+                   params=plan.num_params, compile_s=time.perf_counter() - t0, model_flops=flops)

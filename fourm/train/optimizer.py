@@ -7,7 +7,7 @@ The schedule length is `config.num_train_steps`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import optax
@@ -35,20 +35,40 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(optim_cfg, total_steps: int, peak: float | None = None) -> optax.Schedule:
     warmup = int(min(optim_cfg.warmup_steps, max(total_steps - 1, 0)))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=float(optim_cfg.lr), warmup_steps=warmup,
+        init_value=0.0, peak_value=float(optim_cfg.lr if peak is None else peak), warmup_steps=warmup,
         decay_steps=max(int(total_steps), warmup + 1), end_value=float(optim_cfg.min_lr))
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optimizer, lr schedule). The decay mask is computed from the params passed to `init`."""
-    schedule = learning_rate_schedule(optim_cfg, total_steps)
-    parts = []
-    if float(optim_cfg.clip_grad) > 0:
-        parts.append(optax.clip_by_global_norm(float(optim_cfg.clip_grad)))
-    parts.append(optax.adamw(
+def _adamw(optim_cfg, schedule) -> optax.GradientTransformation:
+    return optax.adamw(
         learning_rate=schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
-        eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.weight_decay), mask=decay_mask))
-    return optax.chain(*parts), schedule
+        eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.weight_decay), mask=decay_mask)
+
+
+def make_optimizer(optim_cfg, total_steps: int, *, labels: Callable[[Any], Any] | None = None,
+                   new_lr: float = 0.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, lr schedule). The decay mask is computed from the params passed to `init`.
+
+    `labels` (fine-tuning): params -> tree of "pretrained" | "new" | "frozen". Frozen parameters
+    get zero updates (and no weight decay, no optimizer state, no share of the clipping norm);
+    new ones follow the same schedule shape peaking at `new_lr` (0 = optim_cfg.lr)."""
+    schedule = learning_rate_schedule(optim_cfg, total_steps)
+    clip = ([optax.clip_by_global_norm(float(optim_cfg.clip_grad))]
+            if float(optim_cfg.clip_grad) > 0 else [])
+    if labels is None:
+        return optax.chain(*clip, _adamw(optim_cfg, schedule)), schedule
+    new_schedule = schedule
+    if new_lr > 0:
+        new_schedule = learning_rate_schedule(optim_cfg, total_steps, peak=new_lr)
+    tx = optax.chain(
+        # Frozen gradients are zeroed before clipping, so they do not shrink the others.
+        optax.multi_transform({"frozen": optax.set_to_zero(), "pretrained": optax.identity(),
+                               "new": optax.identity()}, labels),
+        *clip,
+        optax.multi_transform({"frozen": optax.set_to_zero(),
+                               "pretrained": _adamw(optim_cfg, schedule),
+                               "new": _adamw(optim_cfg, new_schedule)}, labels))
+    return tx, schedule

@@ -22,7 +22,6 @@ Guarantees (each one tested):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -33,18 +32,18 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fourm import config as config_lib
-from fourm import modalities as modreg
 from fourm.data.shards import decode_record, open_shards
-from fourm.masking import GrainMasking, MaskingTransform
-from fourm.train import checkpointing, input_pipeline, metrics as metrics_lib, step as step_lib
-from fourm.train.mesh import describe as describe_mesh, make_mesh
+from fourm.masking import GrainMasking
+from fourm.model import loss_fn as fourm_loss_fn
+from fourm.model.pretrained import save_pretrained
+from fourm.train import checkpointing, finetune, input_pipeline, metrics as metrics_lib
 from fourm.train.checkpointing import CheckpointMismatchError  # noqa: F401 (re-exported)
-from fourm.train.optimizer import make_optimizer
+from fourm.train.mesh import describe as describe_mesh
+from fourm.train.plan import build_plan, check_batch, check_manifest  # noqa: F401 (re-exported)
+from fourm.train.plan import compile_step as compile_train_step, program_fingerprint  # noqa: F401 (seam)
 from fourm.train.validate import ConfigError, check_config  # noqa: F401 (ConfigError re-exported)
 
 log = logging.getLogger("fourm.train")
@@ -62,59 +61,6 @@ class TrainResult:
     workdir: str
 
 
-# ------------------------------------------------------------------------------------------------
-# Checks that need the data manifest and the mesh, but no compute.
-# ------------------------------------------------------------------------------------------------
-def check_batch(config, mesh, process_count: int | None = None) -> None:
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    pc = jax.process_count() if process_count is None else process_count
-    b, a = int(config.batch_size), int(config.grad_accum)
-    if a < 1 or b % a:
-        raise ConfigError(f"config.batch_size={b} is not divisible by config.grad_accum={a}")
-    if (b // a) % dp:
-        raise ConfigError(
-            f"config.batch_size={b} (per micro-batch {b // a}) is not divisible by the data-parallel "
-            f"size {dp} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); use a multiple of {dp}")
-    if b % pc:
-        raise ConfigError(f"config.batch_size={b} is not divisible by the {pc} processes")
-
-
-def check_manifest(config, manifest: dict, data_dir: str) -> None:
-    """Modalities present, tokenizer versions agree, vocabularies agree (or are taken from it).
-
-    Mutates `config.model.vocab_overrides` when `config.data.vocab_from_manifest`."""
-    have = manifest.get("modalities", {})
-    wanted = list(config.model.modalities)
-    missing = [m for m in wanted if m not in have]
-    if missing:
-        raise ConfigError(f"config.model.modalities names {missing}, which the data manifest "
-                          f"{data_dir}/manifest.json does not have (it has {sorted(have)})")
-    for name, expected in dict(config.data.tokenizers).items():
-        if name not in have:
-            raise ConfigError(f"config.data.tokenizers names {name!r}, absent from the manifest")
-        tok = have[name].get("tokenizer", {})
-        got = {str(tok.get("version", "")), str(tok.get("config_hash", ""))}
-        if str(expected) not in got:
-            raise ConfigError(
-                f"tokenizer of {name!r}: config.data.tokenizers expects {expected!r}, but the shards "
-                f"in {data_dir} were made with version {tok.get('version')!r} / config hash "
-                f"{tok.get('config_hash')!r}; re-run pretokenize or fix the config")
-    family = config.model.get("family", "fourm")
-    for name in wanted:
-        vocab = have[name].get("vocab_size")
-        if vocab is None:  # pixels
-            continue
-        current = config.model.vocab_overrides.get(name, modreg.get(name, family).vocab_size)
-        if int(vocab) == int(current):
-            continue
-        if config.data.vocab_from_manifest:
-            config.model.vocab_overrides[name] = int(vocab)
-        else:
-            raise ConfigError(f"vocabulary of {name!r}: the model has {current}, the shards' tokenizer "
-                              f"{vocab}; set config.model.vocab_overrides.{name}={vocab} or "
-                              f"config.data.vocab_from_manifest=True")
-
-
 class SelectModalities:
     """Record bytes -> {modality: array} for the configured modalities only (picklable)."""
 
@@ -126,94 +72,9 @@ class SelectModalities:
         return {n: rec[n] for n in self.names}
 
 
-# ------------------------------------------------------------------------------------------------
-# Model: the real fourm encoder-decoder.
-# ------------------------------------------------------------------------------------------------
-def build_model(model_cfg, seed: int) -> nnx.Module:
-    from fourm import model
-    return model.build_model(model_cfg, seed=seed)
-
-
 def model_loss_fn():
-    from fourm.model import loss_fn
-    return loss_fn
-
-
-def _broadcast_prefix(prefix, full):
-    """Expand a sharding tree that is a prefix of `full` (e.g. one sharding per nnx.Variable)."""
-    return jax.tree.map(lambda s, sub: jax.tree.map(lambda _: s, sub), prefix, full,
-                        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-
-
-def state_shardings(abstract_state, mesh, tx):
-    """Shardings of the whole train state: params by the model's logical-axis rules, optimizer
-    moments like their params, everything else replicated."""
-    from fourm.model.sharding import param_shardings
-
-    replicated = NamedSharding(mesh, P())
-    params = _broadcast_prefix(param_shardings(abstract_state["params"], mesh), abstract_state["params"])
-    rest = _broadcast_prefix(param_shardings(abstract_state["rest"], mesh), abstract_state["rest"])
-    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt"], params,
-                                transform_non_params=lambda _: replicated)
-    return {"params": params, "rest": rest, "opt": opt, "step": replicated}
-
-
-def with_shardings(abstract, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
-
-
-def abstract_train_state(config, tx):
-    """(graphdef, abstract train state, init_fn): shapes only, nothing is allocated."""
-    seed = int(config.seed)
-
-    def init_fn():
-        return step_lib.init_state(build_model(config.model, seed), tx)[1]
-
-    # No mesh in context here: parameters carry logical axis names and are placed by the caller.
-    graphdef, _, _ = step_lib.split_model(nnx.eval_shape(lambda: build_model(config.model, seed)))
-    return graphdef, jax.eval_shape(init_fn), init_fn
-
-
-def jit_steps(config, graphdef, tx, schedule, abstract_state, state_sh, batch_sh, mesh):
-    """The jitted (train_step, eval_step) with explicit shardings; the train step donates the state."""
-    replicated = NamedSharding(mesh, P())
-    groups = step_lib.modality_groups(abstract_state["params"], list(config.model.modalities))
-    loss_fn = model_loss_fn()
-    train_step = jax.jit(
-        step_lib.make_train_step(graphdef, loss_fn, tx, schedule, grad_accum=config.grad_accum,
-                                 groups=groups),
-        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-        donate_argnums=(0,))  # the old state's buffers become the new state's: half the memory
-    eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn),
-                        in_shardings=(state_sh, batch_sh), out_shardings=replicated)
-    return train_step, eval_step
-
-
-def compile_train_step(train_step, abstract_state, abstract_batch, mesh):
-    """(compiled step, fingerprint), compiled ahead of time from the abstract state and batch.
-
-    Why AOT: the program is fixed by the shapes/shardings the trainer declares, never by the
-    arrays it is first called with, so a resumed run (arrays from orbax) runs the very program
-    a fresh run (arrays from init) does; an argument with another sharding or dtype is an error
-    instead of a silent second compilation."""
-    with jax.set_mesh(mesh):  # the model reads the mesh while tracing (sharding constraints)
-        lowered = train_step.lower(abstract_state, abstract_batch)
-        return lowered.compile(), program_fingerprint(lowered)
-
-
-def program_fingerprint(lowered) -> str:
-    """sha256 of what decides the bits a train step computes: its StableHLO (which holds no source
-    paths or line numbers), the jax/jaxlib versions, the device kind and XLA_FLAGS. Equal
-    fingerprints + equal inputs = equal bits on CPU (tested); a resume under another fingerprint
-    (code edited, library upgraded, flags changed) continues correctly but not bitwise."""
-    import jaxlib
-    h = hashlib.sha256(lowered.as_text().encode())
-    dev = jax.devices()[0]
-    for part in (jax.__version__, jaxlib.__version__, dev.platform, dev.device_kind,
-                 os.environ.get("XLA_FLAGS", "")):
-        h.update(b"\0" + str(part).encode())
-    return h.hexdigest()
+    """The loss the plan's steps use (a seam for tests that poison it)."""
+    return fourm_loss_fn
 
 
 def nonfinite_report(step: int, m: dict) -> str:
@@ -232,8 +93,6 @@ def nonfinite_report(step: int, m: dict) -> str:
 def export_model(graphdef, state, config, directory: Path) -> None:
     """The trained model as a fourm checkpoint (config.json + model.safetensors) for generation:
     `fourm.model.load_pretrained(directory)`. Process 0 writes; parameters are gathered first."""
-    from fourm.model.pretrained import save_pretrained
-
     params, rest = state["params"], state["rest"]
     _, bad = checkpointing.array_checksums(params)
     if bad:  # never hand out a broken model as a finished one
@@ -291,48 +150,45 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trai
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str | None, preempt: PreemptionWatch) -> TrainResult:
-    config = ml_collections.ConfigDict(config.to_dict())  # private copy: we resolve fields in it
     check_config(config, jax.device_count())  # before anything is read or written
     workdir = Path(workdir or config.workdir).absolute()
 
-    # ---------------------------------------------------------------- logging
+    # ---------------------------------------------------------------- data manifest
+    try:  # a damaged, incomplete or escaping shard folder stops here, before any compute
+        source, manifest = open_shards(config.data.dir, verify=config.data.get("verify_shards", True))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config.data.dir={config.data.dir}: {e}") from None
+
+    # ---------------------------------------------------------------- plan
+    # Mesh, modalities, masking, shardings, optimizer, abstract state and the jitted steps, as
+    # fourm-aot and the benchmark build them (fourm.train.plan). A fine-tune run that resumes
+    # takes what its init checkpoint provided from its own record, never from the checkpoint.
+    plan = build_plan(config, manifest, data_dir=config.data.dir, loss_fn=model_loss_fn(),
+                      init=finetune.read_record(workdir))
+    config = plan.resolved_config()
+    mesh = plan.mesh
+
+    # ---------------------------------------------------------------- logging (nothing written before)
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
     writer = metrics_lib.MetricWriter(workdir)
     log.info("workdir %s, process %d of %d", workdir, jax.process_index(), jax.process_count())
 
-    # ---------------------------------------------------------------- mesh
-    try:
-        mesh = make_mesh(config.mesh)
-    except ValueError as e:
-        raise ConfigError(f"config.mesh: {e}") from None
-    check_batch(config, mesh)
+    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                      async_save=config.async_checkpoint,
+                                      durable_within_steps=config.get("ckpt_durable_within_steps", 1))
     log.info("mesh %s", describe_mesh(mesh))
+    log.info("model: %.2fM parameters, %d modalities", plan.num_params / 1e6, len(plan.modalities))
 
     # ---------------------------------------------------------------- input
-    if not config.data.dir:
-        raise ConfigError("config.data.dir is empty: point it at pre-tokenized shards "
-                          "(a fourm pretokenize output folder)")
-    try:  # a damaged, incomplete or escaping shard folder stops here, before any compute
-        source, manifest = open_shards(config.data.dir, verify=config.data.get("verify_shards", True))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"config.data.dir={config.data.dir}: {e}") from None
-    check_manifest(config, manifest, config.data.dir)
-    modalities = modreg.resolve(config.model.modalities, config.model.get("family", "fourm"),
-                                dict(config.model.vocab_overrides))
-    masking = MaskingTransform.from_config(config.masking, modalities)
-    batch_spec = masking.output_spec()
-    tokens_per_example = masking.input_budget + masking.target_budget
-
     # Each process loads exactly the rows of every global batch that its devices hold.
-    example = {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in batch_spec.items()}
-    batch_sh = input_pipeline.batch_shardings(mesh, example)
+    batch_sh = plan.batch_shardings
     row_offset, _ = input_pipeline.process_rows(batch_sh["enc_ids"], config.batch_size)
 
     def make_dataset(src, seed, start_step=0):
         return input_pipeline.build_dataset(
-            src, transform=GrainMasking(masking), decode=SelectModalities(config.model.modalities),
+            src, transform=GrainMasking(plan.masking), decode=SelectModalities(config.model.modalities),
             seed=seed, global_batch=config.batch_size, row_offset=row_offset, start_step=start_step)
 
     def make_iterator(start_step=0):
@@ -345,31 +201,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str | None, preempt: Pree
 
     data_iter = make_iterator()
 
-    # ---------------------------------------------------------------- model
-    tx, schedule = make_optimizer(config.optim, config.num_train_steps)
-    graphdef, abstract_state, init_fn = abstract_train_state(config, tx)
-
-    # ---------------------------------------------------------------- sharding
-    state_sh = state_shardings(abstract_state, mesh, tx)
-    abstract_state = with_shardings(abstract_state, state_sh)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
-    log.info("model: %.2fM parameters, %d modalities", num_params / 1e6, len(modalities))
-
-    # ---------------------------------------------------------------- update step
-    # Compiled ahead of time (`compile_train_step`) once the checkpoint is known to fit the model.
-    train_step, eval_step = jit_steps(config, graphdef, tx, schedule, abstract_state, state_sh,
-                                      batch_sh, mesh)
-    abstract_batch = {k: jax.ShapeDtypeStruct((config.batch_size, *shape), dtype, sharding=batch_sh[k])
-                      for k, (shape, dtype) in batch_spec.items()}
-
     # ---------------------------------------------------------------- checkpoint
-    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
-                                      async_save=config.async_checkpoint,
-                                      durable_within_steps=config.get("ckpt_durable_within_steps", 1))
     config_json = json.loads(config_lib.to_json(config))
-    restored = ckpt.restore_latest(abstract_state, data_iter)  # a misfit raises before compiling
+    restored = ckpt.restore_latest(plan.abstract_state, data_iter)  # a misfit raises before compiling
     writer.resume_at(0 if restored is None else restored.step)  # later rows are redone: drop them
-    train_step, fingerprint = compile_train_step(train_step, abstract_state, abstract_batch, mesh)
+    # Compiled ahead of time once the checkpoint is known to fit the model.
+    train_step, fingerprint = compile_train_step(plan.train_step, plan.abstract_state,
+                                                 plan.abstract_batch, mesh)
+    eval_step = plan.eval_step
     ckpt_meta = {"train_step_fingerprint": fingerprint}
     if restored is not None:
         state, start = restored.state, restored.step
@@ -383,9 +222,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str | None, preempt: Pree
                         "the run goes on, but not bitwise like an uninterrupted one",
                         start, saved[:12], fingerprint[:12])
     else:
-        state = jax.jit(init_fn, out_shardings=state_sh)()
+        state = plan.init_state()
         start = 0
+        if plan.init is not None:
+            log.info("%s", plan.init.summary())
         if is_main:
+            if plan.init is not None:
+                finetune.write_record(workdir, plan.init)
             config_lib_path = workdir / "config.json"
             tmp = config_lib_path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(config_json, indent=2, sort_keys=True))
@@ -407,7 +250,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | None, preempt: Pree
 
     # ---------------------------------------------------------------- loop
     total = int(config.num_train_steps)
-    progress = metrics_lib.Progress(start, total, config.batch_size * tokens_per_example)
+    progress = metrics_lib.Progress(start, total, config.batch_size * plan.tokens_per_example)
     pending: tuple[int, Any] | None = None
     # Resumed at the end (killed after the final checkpoint): the final rows were written before it.
     last: dict = metrics_lib.last_row(workdir / "metrics.jsonl", start) if start == total else {}
@@ -463,7 +306,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str | None, preempt: Pree
         if pending is not None:
             last = finish_step(*pending)
         if step == total and not preempted:
-            export_model(graphdef, state, config, workdir / "export")
+            export_model(plan.graphdef, state, config, workdir / "export")
     finally:
         ckpt.wait()
         ckpt.close()
