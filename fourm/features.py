@@ -1,11 +1,11 @@
 """Encoder features of a fourm or official 4M checkpoint (what 4M's FMViT returns), and image
 retrieval by the global embeddings a 4M-21 model predicts.
 
-    model = load_model("4M-21_B_CC12M/")                       # official 4M folder or fourm export
+    model = backbone.load("4M-21_B_CC12M/")                    # official 4M folder or fourm export
     f = encoder_features(model, {"rgb@224": images})           # uint8 / [0, 1] [B, H, W, 3]
     f.tokens   # (B, N, D) encoder output (after encoder_norm) per input token
     f.pooled   # (B, D) mean over the valid tokens
-    f.of("rgb@224")                                            # (B, 196, D) one input's tokens
+    f.of(model.spec, "rgb@224")                                # (B, 196, D) one input's tokens
 
     gen = Generator(model, tokenizers)                          # + the global tokenizer folder
     q = predicted_global(gen, {"rgb@224": query}, "tok_dinov2_global")      # (Bq, C)
@@ -16,9 +16,12 @@ retrieval by the global embeddings a 4M-21 model predicts.
 modality embedding -> encoder blocks -> encoder_norm, returned per patch (its output head is the
 identity). `encoder_features(model, {"rgb@224": x})` computes exactly that with the loaded
 weights. Other inputs (token grids of other modalities, text) join the same encoder sequence, as
-4M's encoder takes them; their tokens follow in the model's modality order (`Features.slices`).
-Inputs are what `fourm.generate` takes as conditions (images, token ids, native arrays or text
-through the given tokenizers), all of them fully given.
+4M's encoder takes them, in the model's modality order (`slices`).
+
+The features are `fourm.backbone`'s (`Features`, `features_of_batch`; its `encode_features` takes
+pixels and token ids). What this module adds: any input `fourm.generate` takes as a condition
+(images of any size, native depth / normals / segmentation through their tokenizers, text through
+the text tokenizer), a compiled forward, and retrieval.
 
 Retrieval follows 4M-21: the model predicts `tok_dinov2_global` / `tok_imagebind_global` tokens
 from the inputs (4M's RGB -> X preset: ROAR, 1 step, temperature 0.01, CFG 2), the global
@@ -28,7 +31,6 @@ retrieval ranks a gallery by cosine similarity to the query's vector.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Mapping
 
@@ -37,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fourm import backbone
+from fourm.backbone import Features
 from fourm.compat import ml4m_assets
 from fourm.generate.chain import Generator, Target
 from fourm.generate.inputs import GenerationInputError, condition_slots
@@ -44,53 +48,38 @@ from fourm.generate.inputs import GenerationInputError, condition_slots
 GLOBAL_MODALITIES = ("tok_dinov2_global", "tok_imagebind_global")
 
 
-@dataclasses.dataclass
-class Features:
-    tokens: np.ndarray  # (B, N, D) encoder output per input slot (0 where not valid)
-    valid: np.ndarray  # (B, N) bool
-    pooled: np.ndarray  # (B, D) mean over the valid slots
-    slices: dict[str, tuple[int, int]]  # input modality -> its [start, stop) along N
-
-    def of(self, name: str) -> np.ndarray:
-        if name not in self.slices:
-            raise KeyError(f"no input {name!r} in these features; inputs: {list(self.slices)}")
-        a, b = self.slices[name]
-        return self.tokens[:, a:b]
-
-
 def encoder_inputs(model, inputs: Mapping[str, Any], tokenizers: Mapping[str, Any] | None = None):
-    """(`fourm.batch` encoder arrays, slices) with every given token of `inputs` as a slot."""
+    """`fourm.batch` encoder arrays with every given token of `inputs` as a slot."""
     if not inputs:
         raise GenerationInputError("no inputs given")
     gen = Generator(model, tokenizers, resize=True)  # its input handling: one place for all kinds
     states, batch = gen.prepare(dict(inputs), None, [])
     spec = model.spec
     names = [n for n in spec.names if n in states]  # the model's order, as condition_slots lays out
-    arrays = condition_slots(spec, states, names, [frozenset()], batch)
-    slices, start = {}, 0
-    for n in names:
-        width = states[n].known.shape[1]
-        slices[n] = (start, start + width)
-        start += width
-    return arrays, slices
+    return condition_slots(spec, states, names, [frozenset()], batch)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode(graphdef, state, arrays):
-    model = nnx.merge(graphdef, state)
-    enc = model.encode(arrays)
-    valid = arrays["enc_valid"].astype(bool)
-    feats = jnp.where(valid[..., None], enc.features.astype(jnp.float32), 0.0)
-    pooled = feats.sum(1) / jnp.maximum(valid.sum(1, keepdims=True), 1).astype(jnp.float32)
-    return feats, pooled
+def _tokens_pooled(graphdef, state, batch):
+    f = backbone.features_of_batch(nnx.merge(graphdef, state), batch)
+    return f.tokens, f.pooled
 
 
 def encoder_features(model, inputs: Mapping[str, Any], tokenizers: Mapping[str, Any] | None = None) -> Features:
-    """Encoder features of `inputs` ({modality: value}); see the module docstring."""
-    arrays, slices = encoder_inputs(model, inputs, tokenizers)
-    graphdef, state = nnx.split(model)
-    feats, pooled = _encode(graphdef, state, {k: jnp.asarray(v) for k, v in arrays.items()})
-    return Features(np.asarray(feats), np.asarray(arrays["enc_valid"], bool), np.asarray(pooled), slices)
+    """`fourm.backbone.Features` of `inputs` ({modality: value}); see the module docstring."""
+    batch = {k: jnp.asarray(v) for k, v in encoder_inputs(model, inputs, tokenizers).items()}
+    tokens, pooled = _tokens_pooled(*nnx.split(model), batch)
+    return Features(tokens, batch["enc_valid"].astype(bool), batch["enc_mod"], batch["enc_pos"], pooled)
+
+
+def slices(spec, f: Features) -> dict[str, tuple[int, int]]:
+    """Input modality -> its [start, stop) along the token axis (each input's slots are contiguous)."""
+    mod = np.asarray(f.modality[0])
+    out = {}
+    for i in dict.fromkeys(mod.tolist()):
+        where = np.flatnonzero(mod == i)
+        out[spec.modalities[i].name] = (int(where[0]), int(where[-1]) + 1)
+    return out
 
 
 def global_modality(spec, name: str) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fourm import features
+from fourm import backbone, features
 from fourm.cli import features as features_cli
 from fourm.compat import ml4m, ml4m_assets, ml4m_text
 from fourm.compat.ml4m_tokenizers.config import register_fixture_archs
@@ -74,24 +74,28 @@ def _fmvit_numpy(state, pixels):
 def test_rgb_features_are_4ms_fmvit(model_a):
     img = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     f = features.encoder_features(model_a, {"rgb@224": img})
-    assert f.tokens.shape == (2, 196, 48) and f.pooled.shape == (2, 48) and f.slices == {"rgb@224": (0, 196)}
+    assert f.tokens.shape == (2, 196, 48) and f.pooled.shape == (2, 48)
+    assert features.slices(model_a.spec, f) == {"rgb@224": (0, 196)}
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     state, _ = read_safetensors(MODEL_A / "model.safetensors")
     want = _fmvit_numpy(state, (img / 255.0 - mean) / std)
     np.testing.assert_allclose(f.tokens, want, atol=2e-4)
     np.testing.assert_allclose(f.pooled, want.mean(1), atol=2e-4)
+    # the same as fourm.backbone's encode_features (pixels / token ids only)
+    np.testing.assert_allclose(f.tokens, backbone.encode_features(model_a, {"rgb@224": img}).tokens, atol=1e-5)
 
 
 def test_more_inputs_join_the_encoder_sequence(model_a):
     img = np.random.default_rng(1).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
     text = ml4m_text.ML4MTextTokenizer.load(WORDPIECE)
     f = features.encoder_features(model_a, {"rgb@224": img, "caption": "a red cube on a table"}, {"text": text})
-    a, b = f.slices["caption"]  # the model's modality order: caption, then rgb@224
-    assert (a, b) == (0, 16) and f.slices["rgb@224"] == (16, 212)  # one bucket of text slots
+    sl = features.slices(model_a.spec, f)
+    a, b = sl["caption"]  # the model's modality order: caption, then rgb@224
+    assert (a, b) == (0, 16) and sl["rgb@224"] == (16, 212)  # one bucket of text slots
     n_words = len(text.encode("a red cube on a table")) + 1  # + [EOS]
-    assert f.valid[0, a:b].sum() == n_words and f.of("caption").shape == (1, 16, 48)
+    assert f.valid[0, a:b].sum() == n_words and f.of(model_a.spec, "caption").shape == (1, 16, 48)
     alone = features.encoder_features(model_a, {"rgb@224": img})
-    assert np.abs(f.of("rgb@224") - alone.tokens).max() > 1e-4  # the caption changes the rgb tokens
+    assert np.abs(f.of(model_a.spec, "rgb@224") - alone.tokens).max() > 1e-4  # the caption changes rgb
     with pytest.raises(GenerationInputError, match="unknown condition modality .tok_normal@224."):
         features.encoder_features(model_a, {"tok_normal@224": np.zeros((1, 14, 14), np.int32)})
 

@@ -109,9 +109,9 @@ def run(argv, F) -> int:
                 else gen_cli.load_tokenizers(F.tokenizers))
     inputs = {pix.name: images, **{n: _batched(v, len(images)) for n, v in other.items()}}
     f = features.encoder_features(model, inputs, toks)
-    arrays = {"tokens": f.tokens, "valid": f.valid, "pooled": f.pooled,
+    arrays = {"tokens": np.asarray(f.tokens), "valid": np.asarray(f.valid), "pooled": np.asarray(f.pooled),
               "images": np.asarray([str(p) for p in F.image]),
-              **{f"slice/{n}": np.asarray(s) for n, s in f.slices.items()}}
+              **{f"slice/{n}": np.asarray(s) for n, s in features.slices(spec, f).items()}}
     out = Path(F.out)
     if not glob:
         _write_npz(out, arrays, atomic_write_bytes)
