@@ -27,7 +27,7 @@ COMMANDS = {  # console script -> (module, entry function), as in pyproject.toml
     "fourm-pretokenize": ("pretokenize", "main"), "fourm-train": ("train", "main"),
     "fourm-aot": ("aot", "main"), "fourm-generate": ("generate", "main"),
     "fourm-generate-eval": ("generate", "eval_main"), "fourm-ml4m": ("ml4m", "main"),
-    "fourm-bench": ("bench", "main"),
+    "fourm-bench": ("bench", "main"), "fourm-features": ("features", "main"),
 }
 
 
@@ -271,7 +271,7 @@ def test_help_of_every_command(capsys):
         doc_head = "fourm-generate" if prog == "fourm-generate-eval" else prog
         assert f"`{doc_head}" in out.splitlines()[0], (prog, out[:200])  # the docstring
         assert "--verbosity" in out and "--compilation_cache" in out
-        if prog not in ("fourm-export-tokenizer",):
+        if prog not in ("fourm-export-tokenizer", "fourm-features"):
             assert "--config:" in out and "config fields" in out, prog
 
 

@@ -17,6 +17,14 @@ Sampling defaults to greedy decoding (fourm.generate.defaults, the same as the q
 notebooks'). Prints the time to load, and to generate split into compile and run; compiled programs
 are cached across runs (see `--compilation_cache`).
 
+Official 4M checkpoints (config.json + model.safetensors of EPFL-VILAB/4M-*) run with 4M's
+released tokenizer folders and WordPiece JSON in --tokenizers (which folder serves which modality:
+`fourm.compat.ml4m_assets`), 4M's image preprocessing (center crop, bicubic resize) and 4M's
+recommended sampler settings (--preset: auto | rgb2x | x2rgb | maskgit8 | config):
+
+    fourm-generate --checkpoint 4M-21_XL_CC12M --tokenizers 4m_tokenizers \
+        --cond rgb=photo.jpg --targets depth,normal,semseg,caption,det --out runs/4m
+
 `fourm-generate-eval --checkpoint DIR --tokenizers DIR` scores RGB -> depth / normals / caption
 on held-out procedural scenes against mean baselines (`fourm.generate.evaluate`).
 """
@@ -52,6 +60,10 @@ def define_flags(fv, argv):
     flags.DEFINE_string("out", None, "output folder (default: config.out)", **d)
     flags.DEFINE_integer("seed", None, "random seed (default: config.seed)", **d)
     flags.DEFINE_integer("batch", None, "samples per condition set (default: config.batch)", **d)
+    flags.DEFINE_string("preset", "auto", "sampler settings every target starts from: config (the "
+                        "config's grid/text defaults) or one of 4M's: rgb2x, x2rgb, maskgit8; auto = "
+                        "config for fourm checkpoints, 4M's rgb2x / x2rgb choice for 4M checkpoints", **d)
+    flags.DEFINE_integer("diffusion_steps", 50, "4M DiVAE tokenizers: diffusion steps per decode", **d)
     flags.DEFINE_integer("images_per_call", 8, "with a folder condition (--cond rgb=DIR/): images "
                          "generated together in one batched call", **d)
 
@@ -60,6 +72,15 @@ def define_flags(fv, argv):
 # ------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------
+def is_ml4m(path: str) -> bool:
+    """An official 4M folder (its config.json has no fourm `format` key)."""
+    p = Path(path) / "config.json"
+    try:
+        return p.is_file() and "format" not in json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
 def load_model(path: str):
     from fourm.model.pretrained import CONFIG_FILE, read_config, load_pretrained
 
@@ -125,7 +146,7 @@ def load_image_tokenizer(path: Path):
 
 def resolve_name(spec, name: str, role: str) -> str:
     """Model modality for a short or full name; conditions prefer pixel inputs (rgb@R) and
-    targets token modalities (tok_rgb@R)."""
+    targets token modalities (tok_rgb@R). 4M's stems (normal, det) work too."""
     from fourm import modalities as registry
     from fourm.generate.inputs import GenerationInputError
 
@@ -133,7 +154,9 @@ def resolve_name(spec, name: str, role: str) -> str:
         return name
     field = registry.field_for_name(name)
     source = field.name if field is not None else name.lower()
-    cands = [m for m in spec.modalities if m.source == source]
+    keys = {source, name.lower()}
+    keys |= {"normal" for k in keys if k == "normals"} | {"det" for k in keys if k == "boxes"}
+    cands = [m for m in spec.modalities if m.source in keys]
     if role == "target":
         cands = [m for m in cands if m.name in spec.domains_out]
     else:
@@ -163,9 +186,10 @@ def condition_path(value: str) -> Path | None:
     return p if looks_like_path else None
 
 
-def read_condition(mod, value: str, res: int):
+def read_condition(mod, value: str, res: int, ml4m: bool = False):
     """A condition value: a file (image, .npy, .json, .txt) or literal text for sequences. Image
-    files decode as the modality's registry field does (`fourm.data.fields`)."""
+    files decode as the modality's registry field does (`fourm.data.fields`); ml4m: RGB images are
+    prepared as 4M does (center crop, bicubic resize to res)."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
@@ -184,6 +208,10 @@ def read_condition(mod, value: str, res: int):
     if not p.is_file():
         raise CommandError(f"{flag}: no such file")
     ext = p.suffix.lower()
+    if ext in IMAGE_EXTS and ml4m and (mod.kind == "pixels" or mod.source == "rgb"):
+        from fourm.compat import ml4m_assets
+
+        return ml4m_assets.read_image(p, res)
     if ext in IMAGE_EXTS:
         try:
             img = Image.open(p)
@@ -245,13 +273,19 @@ def check_finite(arr, flag: str, mod) -> None:
                            "valid values")
 
 
-def parse_target(spec, item: str, cfg):
+def parse_target(spec, item: str, cfg, preset: str = "config"):
+    """A Target from NAME[:key=value...]: the config's defaults (preset "config") or a 4M preset
+    (`fourm.compat.ml4m_assets.PRESETS`), then the options."""
     from fourm.generate.chain import Target
 
     name, *opts = item.split(":")
     name = resolve_name(spec, name.strip(), "target")
     m = spec.modality(name)
     base = dict(cfg.text) if m.kind == "sequence" else dict(cfg.grid)
+    if preset != "config":
+        from fourm.compat import ml4m_assets
+
+        base.update(ml4m_assets.preset_settings(preset, m))
     for o in opts:
         k, sep, v = o.partition("=")
         if not sep or k not in base:
@@ -285,20 +319,29 @@ def parse_target(spec, item: str, cfg):
 # ------------------------------------------------------------------------------------------
 # Outputs
 # ------------------------------------------------------------------------------------------
-def picture(mod, native, tokens, rgb=None, text: str | None = None, res: int = 64):
-    """A uint8 RGB picture of a generated (or given) modality, or None for plain text."""
+def picture(mod, native, tokens, rgb=None, text: str | None = None, res: int = 64, tok=None,
+            ml4m: bool = False):
+    """A uint8 RGB picture of a generated (or given) modality, or None for plain text. `tok`:
+    the modality's tokenizer when it draws its own pictures (4M's); ml4m: 4M's box text."""
     import numpy as np
 
     from fourm import modalities as registry
     from fourm.data import visualize as vis
     from fourm.tokenizers import structure
 
-    if mod.source == "boxes" and text is not None:
+    if mod.source in ("boxes", "det") and text is not None:
         base = rgb if rgb is not None else np.full((res, res, 3), 255, np.uint8)
-        boxes = structure.text_to_boxes(text, base.shape[:2], strict=False)
+        if ml4m:
+            from fourm.compat import ml4m_assets
+
+            boxes = ml4m_assets.boxes_to_draw(text, *base.shape[:2])
+        else:
+            boxes = structure.text_to_boxes(text, base.shape[:2], strict=False)
         return vis.draw_boxes(base, boxes, labels=True)
     if mod.kind == "sequence":
         return None
+    if native is not None and hasattr(tok, "picture"):
+        return tok.picture(native)
     if native is None:  # no tokenizer: show the token ids with a palette
         return vis.colorize_semseg(np.asarray(tokens))
     if mod.source in registry.field_names() and registry.field(mod.source).is_image_like:
@@ -369,30 +412,53 @@ def run(argv, F) -> int:
     if folder_items and batch != 1:
         raise app.UsageError(f"--batch {batch} with a folder condition: each image is one sample; "
                              "use --images_per_call to set how many run together")
+    if F.preset not in ("auto", "config", "rgb2x", "x2rgb", "maskgit8"):
+        raise CommandError(f"--preset {F.preset!r}: expected auto, config, rgb2x, x2rgb or maskgit8")
+    positive("--diffusion_steps", F.diffusion_steps)
+    ml4m = is_ml4m(F.checkpoint)
+    if ml4m and not F.tokenizers:
+        raise CommandError("--tokenizers is required with a 4M checkpoint (the folder of "
+                           "4M_tokenizers_* folders and text_tokenizer_4m_wordpiece_30k.json)")
     t0 = time.perf_counter()
     model = load_model(F.checkpoint)
     spec = model.spec
-    gen = Generator(model, load_tokenizers(F.tokenizers), resize=cfg.resize, loop=cfg.loop,
-                    kv_cache=cfg.kv_cache, buckets=int(cfg.get("buckets", 4)))
     res = next((m.grid[0] * m.patch_size for m in spec.modalities if m.kind == "pixels"), 64)
-    conditions = {}
-    for key, value in cond_items:
-        name = resolve_name(spec, key, "condition")
-        conditions[name] = read_condition(spec.modality(name), value, res)
-    targets = [parse_target(spec, t, cfg) for t in F.targets]
+    if ml4m:  # 4M's image tokenizers use 16-px patches: without pixel input, tok_rgb's grid says it
+        res = next((m.grid[0] * 16 for m in spec.modalities if m.name.startswith("tok_rgb@")), res)
+    names = {resolve_name(spec, key, "condition"): value for key, value in cond_items}
+    folder_name = resolve_name(spec, folder_items[0][0], "condition") if folder_items else None
+    preset = F.preset
+    if preset == "auto":
+        from fourm.compat import ml4m_assets
+
+        given = list(names) + ([folder_name] if folder_name else [])
+        preset = ml4m_assets.auto_preset(given) if ml4m else "config"
+    targets = [parse_target(spec, t, cfg, preset) for t in F.targets]
     seed = cfg.seed if F.seed is None else F.seed
+    conditions = {n: read_condition(spec.modality(n), v, res, ml4m) for n, v in names.items()}
+    if ml4m:  # only the tokenizers this run needs (the released ones are large)
+        from fourm.compat import ml4m_assets
+
+        needed = [t.name for t in targets] + ml4m_assets.needing_tokenizer(spec, conditions)
+        if folder_name and spec.modality(folder_name).kind != "pixels" and \
+                any(f.suffix.lower() in IMAGE_EXTS for f in folder_items[0][2]):
+            needed.append(folder_name)  # images of a token modality: tokenized
+        toks = ml4m_assets.load_tokenizers(F.tokenizers, spec, needed, seed=seed,
+                                           diffusion_steps=F.diffusion_steps)
+    else:
+        toks = load_tokenizers(F.tokenizers)
+    gen = Generator(model, toks, resize=cfg.resize, loop=cfg.loop, kv_cache=cfg.kv_cache,
+                    buckets=int(cfg.get("buckets", 4)))
     load_s = time.perf_counter() - t0
     if folder_items:
-        key, value, files = folder_items[0]
-        name = resolve_name(spec, key, "condition")
         print(f"time: load {load_s:.1f} s")
-        return run_folder(gen, conditions, name, files, targets, seed, per_call,
-                          Path(F.out or cfg.out), res)
+        return run_folder(gen, conditions, folder_name, folder_items[0][2], targets, seed, per_call,
+                          Path(F.out or cfg.out), res, ml4m)
     t0 = time.perf_counter()
     with CompileTimer() as compiled:
         out = gen.generate(conditions, targets, seed=seed, batch_size=batch)
     gen_s = time.perf_counter() - t0
-    write_outputs(Path(F.out or cfg.out), gen, conditions, targets, out, res)
+    write_outputs(Path(F.out or cfg.out), gen, conditions, targets, out, res, ml4m=ml4m)
     for n in out.notices:
         print(f"notice: {n}")
     for k, s in out.seconds.items():
@@ -411,11 +477,11 @@ def folder_files(item: str, folder: Path) -> list[Path]:
     return files
 
 
-def read_folder_chunk(mod, files: list[Path], res: int):
+def read_folder_chunk(mod, files: list[Path], res: int, ml4m: bool = False):
     """The conditions of `files` stacked into one batch; every file must have the same shape."""
     import numpy as np
 
-    arrays = [np.asarray(read_condition(mod, str(f), res)) for f in files]
+    arrays = [np.asarray(read_condition(mod, str(f), res, ml4m)) for f in files]
     for f, a in zip(files[1:], arrays[1:]):
         if a.shape != arrays[0].shape:
             raise CommandError(f"--cond {mod.name}: {files[0].name} is {list(arrays[0].shape)} but "
@@ -425,7 +491,7 @@ def read_folder_chunk(mod, files: list[Path], res: int):
 
 
 def run_folder(gen, conditions: dict, name: str, files: list[Path], targets, seed: int,
-               per_call: int, root: Path, res: int) -> int:
+               per_call: int, root: Path, res: int, ml4m: bool = False) -> int:
     """Generate for every file of a folder condition, `per_call` images per batched call: outputs
     in root/batch_NNN (as a single run writes them), root/images.json maps each file to its
     folder and sample; prints samples/s overall and after the first call (which compiles)."""
@@ -436,14 +502,14 @@ def run_folder(gen, conditions: dict, name: str, files: list[Path], targets, see
     index, times, compile_s = [], [], 0.0
     for i, lo in enumerate(range(0, len(files), per_call)):
         chunk = files[lo:lo + per_call]
-        cond = dict(conditions, **{name: read_folder_chunk(mod, chunk, res)})
+        cond = dict(conditions, **{name: read_folder_chunk(mod, chunk, res, ml4m)})
         t0 = time.perf_counter()
         with CompileTimer() as compiled:
             out = gen.generate(cond, targets, seed=seed)
         times.append((time.perf_counter() - t0, len(chunk)))
         compile_s += compiled.seconds
         sub = f"batch_{i:03d}"
-        write_outputs(root / sub, gen, cond, targets, out, res)
+        write_outputs(root / sub, gen, cond, targets, out, res, ml4m=ml4m)
         index += [{"file": str(f), "folder": sub, "sample": j} for j, f in enumerate(chunk)]
         for n in out.notices:
             print(f"notice: {n}")
@@ -458,7 +524,9 @@ def run_folder(gen, conditions: dict, name: str, files: list[Path], targets, see
     return 0
 
 
-def write_outputs(root: Path, gen, conditions, targets, out, res: int) -> None:
+def write_outputs(root: Path, gen, conditions, targets, out, res: int, ml4m: bool = False) -> None:
+    import io
+
     import numpy as np
 
     from fourm.data import visualize as vis
@@ -484,12 +552,17 @@ def write_outputs(root: Path, gen, conditions, targets, out, res: int) -> None:
             m = spec.modality(t.name)
             text = out.text.get(t.name, [None] * batch)[b]
             native = out.decoded.get(t.name)
-            pic = picture(m, None if native is None else native[b], out.tokens[t.name][b], rgb, text, res)
+            pic = picture(m, None if native is None else native[b], out.tokens[t.name][b], rgb, text, res,
+                          tok=gen.image_tokenizers.get(t.name), ml4m=ml4m)
             stem = f"{b:03d}_{t.name.replace('@', '_')}"
             if pic is not None:
                 vis.save_png(root / f"{stem}.png", pic)
                 cells.append(pic)
                 names.append(t.name)
+            elif native is not None:  # no picture form (e.g. 4M's global feature vectors)
+                buf = io.BytesIO()
+                np.save(buf, np.asarray(native[b]), allow_pickle=False)
+                atomic_write_bytes(root / f"{stem}.npy", buf.getvalue())
             if text is not None:
                 atomic_write_bytes(root / f"{stem}.txt", (text + "\n").encode("utf-8"))
                 texts.append(f"{t.name}: {text}")
@@ -498,8 +571,6 @@ def write_outputs(root: Path, gen, conditions, targets, out, res: int) -> None:
         titles = titles or names
     if any(rows):
         vis.save_png(root / "grid.png", vis.make_grid(rows, captions=captions, col_titles=titles))
-    import io
-
     buf = io.BytesIO()
     np.savez_compressed(buf, **{k: np.asarray(v) for k, v in out.tokens.items()})
     atomic_write_bytes(root / "tokens.npz", buf.getvalue())
