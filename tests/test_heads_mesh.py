@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fourm.model import build_model, heads, loss_fn, model_config, sharding
 from fourm.model.synthetic import synthetic_batch
+from fourm.train.mesh import make_mesh
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -54,7 +55,7 @@ def test_sharded_chunked_head_equals_dense(n, num_heads, chunk):
         return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
 
     (ref_loss, ref_nll), ref_g = jax.jit(objective("dense"))(h, weights)
-    mesh = sharding.make_mesh((8, 1, 1))
+    mesh = make_mesh((8, 1, 1))
     bsh = NamedSharding(mesh, P(sharding.BATCH_AXES))
     with jax.set_mesh(mesh):
         hs = jax.device_put(h, bsh)
@@ -92,7 +93,7 @@ def test_model_loss_with_one_sample_per_device_and_one_target_modality():
     ref_loss, ref_g = jax.jit(f_dense).lower(params, batch).compile(
         compiler_options=FAST_COMPILE)(params, batch)
     f_chunked, params2 = vg("chunked")
-    mesh = sharding.make_mesh((8, 1, 1))
+    mesh = make_mesh((8, 1, 1))
     b_sh = {k: NamedSharding(mesh, P(sharding.BATCH_AXES)) for k in batch}
     with jax.set_mesh(mesh):
         b = jax.device_put(batch, b_sh)

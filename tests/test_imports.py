@@ -26,15 +26,17 @@ LAYERS: dict[str, set[str]] = {
     "quality": FOUNDATION | {"data"},
     "generate": FOUNDATION | {"data", "masking", "model", "quality"},
     "train": FOUNDATION | {"data", "masking", "model", "tokenizers", "compat"},
-    "compat": FOUNDATION | {"data", "model", "generate", "tokenizers", "quality"},
+    "compat": FOUNDATION | {"data", "masking", "model", "generate", "tokenizers", "quality"},
     "backbone": FOUNDATION | {"data", "masking", "model", "tokenizers", "generate", "train", "compat",
                               "quality"},
+    "features": FOUNDATION | {"data", "masking", "model", "tokenizers", "generate", "train", "compat",
+                              "quality", "backbone"},
     "bench": FOUNDATION | {"data", "masking", "model", "tokenizers", "generate", "train", "compat",
-                           "backbone", "quality"},
+                           "backbone", "quality", "features"},
     "quickstart": FOUNDATION | {"report", "data", "masking", "model", "tokenizers", "generate", "train",
-                                "compat", "backbone", "quality"},
+                                "compat", "backbone", "quality", "features"},
     "cli": FOUNDATION | {"report", "data", "masking", "model", "tokenizers", "generate", "train", "compat",
-                         "bench", "quickstart", "backbone", "quality"},
+                         "bench", "quickstart", "backbone", "quality", "features"},
 }
 # A known break, to remove: the tokenizer export dispatching to 4M's tokenizers in compat (a shared
 # artifact protocol would turn it round).
