@@ -160,10 +160,12 @@ class ML4MImageTokenizer:
     `decode(tokens) -> native`, `picture(native) -> uint8 RGB` (the interface `Generator` uses;
     `codec` is this object)."""
 
+    kind = "grid"  # fourm.tokenizer_protocol: it serves a token grid; `stem` says which 4M modality
+
     def __init__(self, mod, tok: Tokenizer, folder: Path, *, diffusion_steps: int = DIFFUSION_STEPS,
                  seed: int = 0):
         self.mod, self.tok, self.folder = mod, tok, Path(folder)
-        self.name, self.kind = mod.name, stem(mod.name)
+        self.name, self.stem = mod.name, stem(mod.name)
         self.grid, self.vocab_size = tuple(mod.grid), int(tok.vocab_size)
         self.diffusion_steps, self.seed = int(diffusion_steps), int(seed)
         self.codec = self
@@ -187,19 +189,19 @@ class ML4MImageTokenizer:
     # -- native <-> 4M's tokenizer input ---------------------------------------------------
     def expected_shape(self, res: int) -> tuple:
         """A native batch's shape (as fourm's codecs give it)."""
-        if self.kind in ("rgb", "normal"):
+        if self.stem in ("rgb", "normal"):
             return ("B", res, res, 3)
-        if self.kind in ("depth", "semseg"):
+        if self.stem in ("depth", "semseg"):
             return ("B", res, res)
-        raise AssetError(f"{self.name}: fourm cannot make {self.kind} inputs from an array here "
+        raise AssetError(f"{self.name}: fourm cannot make {self.stem} inputs from an array here "
                          f"(4M computes them with a separate network); give token ids (.npy) instead")
 
     def resize(self, native: np.ndarray, res: int) -> np.ndarray:
-        resample = Image.NEAREST if self.kind == "semseg" else Image.BICUBIC
+        resample = Image.NEAREST if self.stem == "semseg" else Image.BICUBIC
         out = []
         for a in np.asarray(native):
-            if a.dtype == np.uint8 or self.kind == "semseg":
-                img = Image.fromarray(a.astype(np.uint8) if self.kind == "semseg" else a)
+            if a.dtype == np.uint8 or self.stem == "semseg":
+                img = Image.fromarray(a.astype(np.uint8) if self.stem == "semseg" else a)
                 out.append(np.asarray(img.resize((res, res), resample)).astype(a.dtype))
             else:  # float maps channel by channel (mode F)
                 chans = a[..., None] if a.ndim == 2 else a
@@ -212,12 +214,12 @@ class ML4MImageTokenizer:
         """Native [B, H, W(, C)] -> 4M's tokenizer input (NCHW float, or int class ids)."""
         self.expected_shape(1)  # rejects kinds without an image form
         x = np.asarray(native)
-        if self.kind == "semseg":
+        if self.stem == "semseg":
             return x.astype(np.int32)
-        if self.kind == "depth":
+        if self.stem == "depth":
             return np.stack([truncated_standardise(d.astype(np.float32)) for d in x])[:, None]
         x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-        if self.kind == "normal":
+        if self.stem == "normal":
             x = x * 2.0 - 1.0 if np.asarray(native).dtype == np.uint8 else x
             return x.transpose(0, 3, 1, 2)
         if self.tok.cfg.undo_std:
@@ -237,26 +239,26 @@ class ML4MImageTokenizer:
                                          image_size=self.resolution)
         else:
             out = self.tok.decode_tokens(t)
-        if self.kind == "rgb":
+        if self.stem == "rgb":
             return np.clip((out.transpose(0, 2, 3, 1) + 1.0) / 2.0, 0.0, 1.0)
-        if self.kind == "normal":
+        if self.stem == "normal":
             return np.clip(out.transpose(0, 2, 3, 1), -1.0, 1.0)
-        if self.kind in ("depth", "canny_edge", "sam_edge"):
+        if self.stem in ("depth", "canny_edge", "sam_edge"):
             return out[:, 0]
-        if self.kind == "semseg":
+        if self.stem == "semseg":
             return out.argmax(1).astype(np.int32)
         return out  # feature maps / global vectors (B, C, h, w)
 
     def picture(self, native) -> np.ndarray | None:
         """uint8 RGB of one decoded sample (None for global feature vectors)."""
         a = np.asarray(native)
-        if self.kind == "rgb":
+        if self.stem == "rgb":
             return vis.to_rgb(a)
-        if self.kind == "normal":
+        if self.stem == "normal":
             return vis.colorize_normals(a)
-        if self.kind == "semseg":
+        if self.stem == "semseg":
             return vis.colorize_semseg(a)
-        if a.ndim == 2 and self.kind in ("canny_edge", "sam_edge"):  # edge maps in [-1, 1]: grey
+        if a.ndim == 2 and self.stem in ("canny_edge", "sam_edge"):  # edge maps in [-1, 1]: grey
             return vis.to_rgb(np.clip((a + 1.0) / 2.0, 0.0, 1.0))
         if a.ndim == 2:  # depth: min-max normalised per map, as 4M shows it
             x = (a - a.min()) / max(float(a.max() - a.min()), 1e-9)
