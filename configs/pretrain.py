@@ -77,10 +77,6 @@ def get_config(arg="tiny"):
   # that step boundary it waits for the write to finish (the save is durable). 1 = the write
   # overlaps one step, so a kill loses at most ckpt_every steps; -1 = never wait (fully async).
   c.ckpt_durable_within_steps = 1
-  # In-process tests only (tests/test_finetune.py): the trainer sends itself `debug_signal` right
-  # after this step. Subprocess tests send real signals instead (tests/test_train.py).
-  c.debug_signal_at_step = -1
-  c.debug_signal = "SIGKILL"
 
   if arg == "smoke":
     c.model.update(dim=64, encoder_depth=2, decoder_depth=2, num_heads=2)

@@ -3,7 +3,9 @@ shape errors listed, frozen parameters, a resume that never reads the init check
 
 import json
 import logging
+import os
 import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ from fourm.model import build_model, load_pretrained, save_pretrained
 from fourm.model.pretrained import flat_params
 from fourm.model.synthetic import synthetic_batch
 from fourm.data.shards import open_shards
-from fourm.train import finetune, trainer
+from fourm.train import checkpointing, finetune, trainer
 from fourm.train.plan import ConfigError, build_plan
 
 PRE = ["rgb@64", "tok_rgb@64", "tok_depth@64"]  # what the "pretrained" model knows
@@ -110,14 +112,24 @@ def test_freeze_patterns(shards, export):
     assert plan.init.frozen and all(n.startswith(("encoder/", "enc_embed/tok_rgb@64/")) for n in plan.init.frozen)
 
 
-def test_finetune_run_freezes_and_resumes_without_the_init(shards, export, tmp_path, caplog):
-    """Preempted (SIGTERM) after step 2 of 3; the init checkpoint is then moved away and the run
-    resumes from its own checkpoint: the init is never read again."""
+def test_finetune_run_freezes_and_resumes_without_the_init(shards, export, tmp_path, caplog,
+                                                           monkeypatch):
+    """Preempted (a real SIGTERM, sent once step 2's checkpoint is saved) after step 2 of 3; the
+    init checkpoint is then moved away and the run resumes from its own checkpoint: the init is
+    never read again."""
+    save = checkpointing.Checkpointer.save
+
+    def save_then_sigterm(self, step, *args, **kwargs):
+        out = save(self, step, *args, **kwargs)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
     init = tmp_path / "init"
     shutil.copytree(export, init)
     workdir = tmp_path / "run"
-    cfg = ft_config(shards, init, ['init.freeze=["encoder/*"]', "init.new_lr=0.01",
-                                   "debug_signal_at_step=2", "debug_signal=SIGTERM"])
+    cfg = ft_config(shards, init, ['init.freeze=["encoder/*"]', "init.new_lr=0.01"])
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", save_then_sigterm)
     with caplog.at_level(logging.INFO, logger="fourm.train"):
         r1 = trainer.train(cfg, str(workdir))
     assert r1.preempted and r1.step == 2
@@ -126,6 +138,7 @@ def test_finetune_run_freezes_and_resumes_without_the_init(shards, export, tmp_p
     record = json.loads((workdir / "init.json").read_text())
     assert record["source"] == str(init) and record["freeze"] == ["encoder/*"]
     shutil.rmtree(init)  # a resume that touched the init would fail now
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", save)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fourm.train"):
         r2 = trainer.train(ft_config(shards, init, ['init.freeze=["encoder/*"]', "init.new_lr=0.01"]), str(workdir))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -299,8 +298,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str | None, preempt: Pree
                 # Returns once the arrays are on host; the files are written in the background.
                 ckpt.save(step, state, data_iter, config_json, meta=ckpt_meta)
                 last_saved = step
-            if step == config.debug_signal_at_step:  # in-process tests: a preemption right here
-                os.kill(os.getpid(), getattr(signal, config.debug_signal))
         if pending is not None:
             last = finish_step(*pending)
         if step == total and not preempted:
