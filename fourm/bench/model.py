@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from fourm.model.fourm_model import head_impl
 from fourm.model.synthetic import synthetic_batch
 
 FLAGS = flags.FLAGS
@@ -131,7 +132,7 @@ def bench_size(size: str) -> None:
     ref = REFERENCE.get(size) if FLAGS.batch == 8 and FLAGS.dtype == "float32" else None
     print(f"\n{size}: dim {spec.dim}, {spec.encoder_depth}+{spec.decoder_depth} layers, "
           f"{n_params / 1e6:.1f}M params, batch {FLAGS.batch}, {FLAGS.input_tokens}+{FLAGS.target_tokens} "
-          f"tokens, {FLAGS.dtype}, head {FLAGS.head_impl}, remat {spec.remat}")
+          f"tokens, {FLAGS.dtype}, head {head_impl(FLAGS.head_impl)}, remat {spec.remat}")
     cores = os.cpu_count() or 1
     for label, (t, c, faults), fl, r in (("forward", t_fwd, flops_fwd, ref and ref[0]),
                                  ("forward+backward", t_bwd, flops_bwd, ref and ref[1])):
