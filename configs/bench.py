@@ -61,7 +61,7 @@ def get_config(arg=None):
       # buckets) | scan | unrolled; names of non-default forms end in .scan / .unrolled /
       # .bucketsN (compare them in one run).
       loops=["auto"],
-      buckets=4,  # shape classes per side for the bucketed loop
+      buckets=2,  # shape classes per side for the bucketed loop
   ))
 
   # Tokenizers: the repository's recipes with random weights, and the text tokenizer.

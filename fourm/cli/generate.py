@@ -448,7 +448,7 @@ def run(argv, F) -> int:
     else:
         toks = load_tokenizers(F.tokenizers)
     gen = Generator(model, toks, resize=cfg.resize, loop=cfg.loop, kv_cache=cfg.kv_cache,
-                    buckets=int(cfg.get("buckets", 4)))
+                    buckets=int(cfg.get("buckets", 2)))
     load_s = time.perf_counter() - t0
     if folder_items:
         print(f"time: load {load_s:.1f} s")

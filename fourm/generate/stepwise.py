@@ -53,7 +53,7 @@ def step_sizes(known: np.ndarray, counts: np.ndarray, scheme: str, buckets: int
 
 def bucketed_decode(step_fn: StepFn, tokens, known, rng: jax.Array, counts: np.ndarray,
                     temperatures, guidance=None, *, scheme: str = "maskgit", commit_step=None,
-                    return_trace: bool = False, buckets: int = 4) -> maskgit.GridResult:
+                    return_trace: bool = False, buckets: int = 2) -> maskgit.GridResult:
     """`maskgit.iterative_decode` with the step loop on the host (same arguments and results;
     `counts` must be host-side, int[S] or int[B,S]). `step_fn` is a jitted
     `maskgit.grid_step` closed over the model and settings, with `sizes` static
