@@ -45,14 +45,13 @@ def run(args, F) -> int:
     except trainer.NonFiniteError as e:
         print(f"fourm-train: stopped: {e}", file=sys.stderr)
         return 3
-    if result.preempted:  # a SIGTERM before the first step saves nothing
-        state = ("preempted, checkpoint saved" if result.step > 0
-                 else "preempted before the first step, nothing saved")
-    else:
-        state = "done"
     loss = result.last_metrics.get("loss")
-    print(f"fourm-train: {state} at step {result.step}; "
-          + (f"loss {loss:.4f}; " if loss is not None else "") + f"workdir {result.workdir}")
+    if result.preempted and result.step == 0:  # a SIGTERM before the first step saves nothing
+        state = "preempted before the first step, nothing saved"
+    else:
+        state = ("preempted, checkpoint saved" if result.preempted else "done") + f" at step {result.step}"
+    print(f"fourm-train: {state}; " + (f"loss {loss:.4f}; " if loss is not None else "")
+          + f"workdir {result.workdir}")
     return 0
 
 
