@@ -124,3 +124,19 @@ def merge_spans(input_ids: Sequence[int], target: Sequence[int], layout: TextLay
         else:
             out.append(tok)
     return out
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, source: str) -> list[int]:
+    """`ids` as a list of ints, or a clear error: not 1-D, not integers, or outside [0, vocab_size)."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 and not (arr.ndim == 0 and arr.size == 1):
+        raise ValueError(f"decode takes a 1-D sequence of token ids, got shape {arr.shape}")
+    arr = arr.reshape(-1)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"token id {int(arr[i])} at position {i} is outside the text vocabulary "
+                         f"[0, {vocab_size}) of {source} ({bad.size} out-of-range ids in total)")
+    return [int(x) for x in arr]

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-from fourm.text_layout import ML4M
+from fourm.text_layout import ML4M, check_token_ids
 from fourm.tokenizers.text import EOS, NUM_VALUE_GROUPS, PAD, SOS, UNK, TextLayout
 
 VERSION = "ml4m.wordpiece/1"
@@ -131,18 +131,7 @@ class ML4MTextTokenizer:
         return list(self._encoding(text).tokens)
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        arr = np.asarray(ids)
-        if arr.ndim > 1:
-            raise ValueError(f"decode takes a 1-D sequence of token ids, got shape {arr.shape}")
-        arr = arr.reshape(-1)
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
-        bad = np.flatnonzero((arr < 0) | (arr >= self.vocab_size))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"token id {int(arr[i])} at position {i} is outside the text vocabulary "
-                             f"[0, {self.vocab_size}) of {self._source}")
-        return [int(x) for x in arr]
+        return check_token_ids(ids, self.vocab_size, self._source)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids` as 4M shows it (tok.decode(ids, skip_special_tokens=False)); with

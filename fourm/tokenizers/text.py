@@ -35,7 +35,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb
 
 from fourm.io import atomic_write, inside
 from fourm.text_layout import (DEFAULT_NUM_SENTINELS, DEFAULT_VALUE_BINS, NUM_VALUE_GROUPS,  # noqa: F401
-                               TextLayout)
+                               TextLayout, check_token_ids)
 
 VERSION = "fourm.text/1"
 MODEL_FILE = "text.model"
@@ -184,19 +184,7 @@ class TextTokenizer:
 
     # ----------------------------------------------------------------------------- decode
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        arr = np.asarray(ids)
-        if arr.ndim != 1 and not (arr.ndim == 0 and arr.size == 1):
-            raise ValueError(f"decode takes a 1-D sequence of token ids, got shape {arr.shape}")
-        arr = arr.reshape(-1)
-        if arr.size and not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
-        bad = np.flatnonzero((arr < 0) | (arr >= self.vocab_size))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"token id {int(arr[i])} at position {i} is outside the text "
-                             f"vocabulary [0, {self.vocab_size}) of {self._source} "
-                             f"({bad.size} out-of-range ids in total)")
-        return [int(x) for x in arr]
+        return check_token_ids(ids, self.vocab_size, self._source)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`: PAD dropped, sentinels/values/SOS/EOS/UNK as readable words."""
