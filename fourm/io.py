@@ -52,6 +52,22 @@ def inside(folder: str | os.PathLike, path: str | os.PathLike, what: str = "path
     return given
 
 
+def read_json_object(path: str | os.PathLike, error: type[Exception] = ValueError,
+                     missing: str = "no such file") -> dict:
+    """The JSON object in `path`, or `error` with one line naming the file: missing (`missing`
+    says what was expected there), not valid JSON, or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise error(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write `data` (text is UTF-8 encoded) to `path` via a temporary file and a rename."""
     path = Path(path)

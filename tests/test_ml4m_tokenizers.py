@@ -54,10 +54,7 @@ def test_divae_tokens_and_quant_match_and_decoded_is_never_faked():
     assert rows["tokens"].ok and rows["tokens"].value == "0 mismatches"
     assert rows["quant"].ok and float(rows["quant"].value) <= 1e-4
     assert rows["quant_from_tokens"].ok
-    if tload.diffusion is None:  # the diffusion decoder is not in this fourm: FAIL, with the reason
-        assert rows["decoded"].ok is False and "incomplete" in rows["decoded"].note
-    else:
-        assert rows["decoded"].ok, rows["decoded"]
+    assert rows["decoded"].ok, rows["decoded"]
 
 
 def test_check_fails_when_the_reference_disagrees(tmp_path, capsys):
@@ -358,7 +355,6 @@ def test_bench_vit_vqvae_encode_runs_at_the_tiny_size():
     assert load_config("bench").ml4m_tokenizer.enc_type == "vit_b_enc"  # the released size by default
 
 
-@pytest.mark.skipif(tload.diffusion is None, reason="the DiVAE diffusion decoder is not in this fourm")
 def test_divae_decode_tokens_through_the_tokenizer():
     z = np.load(DIVAE / "fixture.npz")
     tok = tload.load(DIVAE)

@@ -20,7 +20,6 @@ the file's `__metadata__` alias map, as `safetensors.torch.save_model` writes it
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from fourm import modalities as modreg
+from fourm.io import read_json_object
 from fourm.modalities import Modality
 from fourm.text_layout import ML4M as ML4M_TEXT
 from fourm.model.embeddings import fixed_pos_table
@@ -89,15 +89,8 @@ def _ensure_registered() -> None:
 
 def read_ml4m_config(src: str | os.PathLike) -> dict:
     path = Path(src) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file (a 4M checkpoint folder has {CONFIG_FILE} + {WEIGHTS_FILE})")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+    return read_json_object(path, CheckpointError,
+                            f"no such file (a 4M checkpoint folder has {CONFIG_FILE} + {WEIGHTS_FILE})")
 
 
 def spec_from_ml4m(cfg: Mapping[str, Any], source: str = CONFIG_FILE, verbose: bool = True,

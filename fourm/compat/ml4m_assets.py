@@ -30,7 +30,6 @@ Array conventions (4M's `modality_transforms` and `plotting_utils`), per modalit
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -45,6 +44,7 @@ from fourm.compat.ml4m_tokenizers.config import TokenizerConfigError
 from fourm.compat.ml4m_tokenizers.load import CONFIG_FILE, WEIGHTS_FILE, Tokenizer
 from fourm.compat.ml4m_tokenizers.load import load as load_folder
 from fourm.data import visualize as vis
+from fourm.io import read_json_object
 from fourm.masking.transform import IMAGENET_MEAN, IMAGENET_STD
 
 MAP_FILE = "tokenizers.json"
@@ -322,12 +322,7 @@ def read_map(root: Path) -> dict[str, Path]:
     path = root / MAP_FILE
     if not path.is_file():
         return {}
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AssetError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise AssetError(f"{path}: expected an object {{modality: folder}}, got {type(doc).__name__}")
+    doc = read_json_object(path, AssetError)  # {modality: folder}
     return {str(k): _inside(root, v, str(k)) for k, v in doc.items()}
 
 

@@ -11,13 +11,13 @@ table `fourm-ml4m check-tokenizer` prints).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from fourm.compat.ml4m_check import FixtureError, Row
 from fourm.compat.ml4m_text import ML4MTextTokenizer, find_tokenizer_file
+from fourm.io import read_json_object
 
 SECTION = "text"
 FIXTURE_CLASS = "text_tokenizer"
@@ -25,15 +25,9 @@ FIXTURE_CLASS = "text_tokenizer"
 
 def _read_fixture(folder: Path) -> dict:
     path = folder / "fixture.json"
-    if not path.is_file():
-        raise FixtureError(f"{path}: no such file (a text tokenizer fixture has fixture.json)")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FixtureError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("class") != FIXTURE_CLASS:
-        raise FixtureError(f"{path}: class {doc.get('class') if isinstance(doc, dict) else None!r}, "
-                           f"expected {FIXTURE_CLASS!r}")
+    doc = read_json_object(path, FixtureError, "no such file (a text tokenizer fixture has fixture.json)")
+    if doc.get("class") != FIXTURE_CLASS:
+        raise FixtureError(f"{path}: class {doc.get('class')!r}, expected {FIXTURE_CLASS!r}")
     for key in ("cases",):
         if not isinstance(doc.get(key), list):
             raise FixtureError(f"{path}: field {key!r} missing or not a list")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load as _st_load, save as _st_save
 
-from fourm.io import inside
+from fourm.io import inside, read_json_object
 
 FORMAT = "fourm.pretokenized/1"
 MANIFEST = "manifest.json"
@@ -84,12 +83,9 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {d} is not a finished pre-tokenized dataset "
                                 f"(the manifest is written last; rerun fourm-pretokenize to finish)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    manifest = read_json_object(path)
+    if manifest.get("format") != FORMAT:
+        got = manifest.get("format")
         raise ValueError(f"{path}: format {got!r}, this code reads {FORMAT!r}")
     for key in ("shards", "modalities", "num_records"):
         if key not in manifest:

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from fourm.compat import ml4m
+from fourm.io import read_json_object
 from fourm.model import pretrained
 
 log = logging.getLogger("fourm.train")
@@ -69,15 +70,10 @@ def param_names(model_or_params) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 def checkpoint_kind(directory: str | Path) -> str:
     """"fourm" (config.json with format fourm) or "ml4m" (4M's FM config.json)."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise InitError(f"config.init.checkpoint={str(directory)!r}: {path} does not exist (expected a "
-                        f"fourm export or an official 4M folder: config.json + model.safetensors)")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InitError(f"config.init.checkpoint: {path} is not valid JSON ({e})") from None
-    return "fourm" if isinstance(doc, dict) and doc.get("format") == pretrained.FORMAT else "ml4m"
+    doc = read_json_object(Path(directory) / "config.json", InitError,
+                           f"does not exist (config.init.checkpoint={str(directory)!r}: expected a fourm "
+                           f"export or an official 4M folder, config.json + model.safetensors)")
+    return "fourm" if doc.get("format") == pretrained.FORMAT else "ml4m"
 
 
 def read_checkpoint(directory: str | Path) -> tuple[dict[str, np.ndarray], dict, str]:

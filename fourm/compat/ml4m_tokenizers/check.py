@@ -66,9 +66,6 @@ def _decoded_rows(tok, meta, arrays, tol) -> list[Row]:
     ref = arrays["decoded"]
     if tok.cfg.cls == "VQVAE":
         return [compare("decoded", tok.decode_tokens(arrays["tokens"]), ref, tol, SECTION)]
-    if tok.decoder_params is None:
-        return [Row(SECTION, "decoded", "skip", ref.shape, "not compared", False,
-                    "incomplete: DiVAE diffusion decoder (fourm.compat.ml4m_tokenizers.diffusion) not in this fourm")]
     missing = [k for k in ("noise", "timesteps") if k not in arrays]
     if missing:
         raise FixtureError(f"DiVAE fixture.npz lacks {missing} (the recorded initial noise and timesteps)")
@@ -91,8 +88,7 @@ def run_check(fixture, tol: float = FLOAT_TOL) -> list[Row]:
         return check_text_fixture(fixture)
     meta, arrays = read_fixture(fixture)
     register_fixture_archs()
-    if tload.unet is not None:
-        tload.unet.register_fixture_unets()
+    tload.unet.register_fixture_unets()
     tok = tload.load(fixture, cls=meta.get("class"))
     rows = []
     with jax.default_matmul_precision("highest"):

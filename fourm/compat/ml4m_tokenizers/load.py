@@ -15,8 +15,6 @@ The weights are read with `safetensors` (numpy), converted once (`to_params`: Li
 
 from __future__ import annotations
 
-import importlib
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,22 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from fourm.compat.ml4m_tokenizers import vqvae
+from fourm.compat.ml4m_tokenizers import diffusion, unet, vqvae
 from fourm.compat.ml4m_tokenizers.config import (MLPArch, TokenizerConfig, TokenizerConfigError, ViTArch,
                                                  parse_config)
+from fourm.io import read_json_object
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 TRAINING_BUFFERS = ("quantize._codebook.initted", "quantize._codebook.cluster_size",
                     "quantize._codebook.embed_avg")
 DECODER_PREFIX = "decoder."
 
-try:  # DiVAE's diffusion decoder (UNet + schedulers): sibling modules, possibly not installed yet
-    diffusion = importlib.import_module("fourm.compat.ml4m_tokenizers.diffusion")
-    unet = importlib.import_module("fourm.compat.ml4m_tokenizers.unet")
-except ModuleNotFoundError as e:
-    if e.name not in ("fourm.compat.ml4m_tokenizers.diffusion", "fourm.compat.ml4m_tokenizers.unet"):
-        raise
-    diffusion = unet = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,15 +42,8 @@ except ModuleNotFoundError as e:
 
 def read_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise TokenizerConfigError(f"{path}: no such file (a 4M tokenizer folder has {CONFIG_FILE} + {WEIGHTS_FILE})")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerConfigError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise TokenizerConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
+    return read_json_object(path, TokenizerConfigError,
+                            f"no such file (a 4M tokenizer folder has {CONFIG_FILE} + {WEIGHTS_FILE})")
 
 
 def read_weights(path: Path) -> dict[str, np.ndarray]:
@@ -351,9 +336,6 @@ def diffusion_decode(tok: Tokenizer, quant, *, timesteps=None, noise=None, key=N
     """DiVAE `decode_quant`: `timesteps` is a number of steps (default: num_train_timesteps, as 4M)
     spaced by `mode` as 4M's scheduler does, or the explicit timestep array; `noise` the initial
     x_T (default: drawn from `key`). Other kwargs (eta, step_noise, key) go to `diffusion.decode`."""
-    if diffusion is None or tok.decoder_params is None:
-        raise NotImplementedError(f"{tok.name}: DiVAE decoding needs fourm.compat.ml4m_tokenizers.diffusion "
-                                  "(the diffusion decoder), which this fourm does not have")
     cfg = tok.raw_config
     if timesteps is None or np.ndim(timesteps) == 0:
         steps = int(timesteps or tok.cfg.diffusion_cfg["num_train_timesteps"])
