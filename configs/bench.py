@@ -136,6 +136,10 @@ def get_config(arg=None):
       scenes=16 if quick else 256,  # scenes in the generated shards
   ))
 
+  # Time to first result (fourm.bench.startup) on a finished quickstart workdir; not in the
+  # default list (it needs that workdir): --only startup --config.startup.workdir=runs/quickstart
+  c.startup = ml_collections.ConfigDict(dict(workdir="runs/quickstart", rounds=1 if quick else 2))
+
   # 4M's DiVAE decoder (the released rgb tokenizer's patched UNet, random weights): one image,
   # few-step DDIM vs the 1000-step DDPM default. Run with --only divae (not in the default list).
   c.divae = ml_collections.ConfigDict(dict(

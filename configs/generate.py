@@ -26,6 +26,8 @@ def get_config(arg=None):
   # Sampler defaults per target kind: fourm's one default (greedy; fourm.generate.defaults),
   # shared with the quickstart and the notebooks.
   c.grid = ml_collections.ConfigDict(dict(defaults.GRID))  # image-like targets (token grids)
+  # ... when RGB is among the conditions (RGB -> depth, normals, segmentation: one step)
+  c.grid_given_rgb = ml_collections.ConfigDict(dict(defaults.GRID_GIVEN_RGB))
   c.text = ml_collections.ConfigDict(dict(defaults.TEXT))  # sequences (caption, det, metadata)
   # fourm-generate-eval: held-out procedural scenes against mean baselines.
   c.eval = ml_collections.ConfigDict(dict(

@@ -81,7 +81,7 @@ def _tokenizer_config(cfg, recipe: str, out: Path):
     tc.data.cache_dir = str(Path(cfg.workdir) / "cache")
     tc.num_workers = cfg.num_workers
     # The recipes warm up over 100 of their 1500 steps; keep that fraction for shorter runs.
-    steps = int(cfg.tokenizer_steps)
+    steps = int(cfg.tokenizer_steps[recipe])
     tc.train.warmup_steps = min(int(tc.train.warmup_steps), max(1, steps // 15))
     # Cadences follow the run's length, not the recipe's (the `tiny` recipe saves a checkpoint
     # and a PNG every 2 steps, which made the smoke profile's 30-step runs 2.5x longer): a
@@ -102,7 +102,7 @@ def stage_tokenizers(cfg, out: Path) -> dict:
     figures = {}
     for field, (recipe, _) in IMAGE_TOKENIZERS.items():
         tc = _tokenizer_config(cfg, recipe, out)
-        result = tok_train.train(tc, workdir=tc.workdir, steps=int(cfg.tokenizer_steps))
+        result = tok_train.train(tc, workdir=tc.workdir, steps=int(cfg.tokenizer_steps[recipe]))
         figures[field] = {k: v for k, v in result.get("eval", {}).items() if isinstance(v, (int, float))}
     figures["text"] = _train_text_tokenizer(cfg, out / "text")
     return figures
@@ -209,9 +209,11 @@ def stage_generate(cfg, out: Path) -> dict:
     held = list(scenes.generate_scenes(cfg.seed, cfg.heldout_start, cfg.num_generate,
                                        resolution=cfg.resolution, workers=1, progress=False))
     rgb = np.stack([s["rgb"] for s in held])
-    steps = int(cfg.maskgit_steps)  # fourm's default sampling (greedy), as fourm-generate's
-    targets = [grid_target("tok_depth@64", steps=steps), grid_target("tok_normal@64", steps=steps),
-               grid_target("tok_semseg@64", steps=steps),
+    # fourm's default sampling (greedy), as fourm-generate's: RGB given -> one step per grid;
+    # caption -> RGB with `maskgit_steps` MaskGIT steps.
+    steps = int(cfg.maskgit_steps)
+    targets = [grid_target("tok_depth@64", rgb_given=True), grid_target("tok_normal@64", rgb_given=True),
+               grid_target("tok_semseg@64", rgb_given=True),
                text_target("caption", max_new_tokens=int(cfg.caption_tokens))]
     t0 = time.perf_counter()
     with CompileTimer() as compiled:
@@ -242,7 +244,7 @@ def stage_generate(cfg, out: Path) -> dict:
     figures = gen_eval.evaluate_scenes(
         gen, seed=cfg.seed, start=cfg.heldout_start, num=int(cfg.heldout_scenes),
         resolution=cfg.resolution, batch_size=8, train_scenes=min(256, int(cfg.train_scenes)),
-        grid_target=grid_target("?", steps=steps),
+        grid_target=grid_target("?", rgb_given=True), rgb_target=grid_target("?", steps=steps),
         caption_target=text_target("caption", max_new_tokens=int(cfg.caption_tokens)),
         checker_scenes=int(cfg.checker_scenes), progress=False)
     print(gen_eval.format_figures(figures))

@@ -493,12 +493,20 @@ def bench_integrity(c) -> list[Result]:
     return out
 
 
+def bench_startup(c) -> list[Result]:
+    """Time to first result (fourm.bench.startup): fourm-generate / fourm-train / a tokenizer as
+    fresh processes, cold (empty compilation cache) and warm, against the in-process work."""
+    from fourm.bench.startup import run
+
+    return [_finish(r) for r in run(Path(c.startup.workdir), rounds=c.startup.rounds)]
+
+
 GROUPS: dict[str, Callable] = {
     "model": bench_model, "train": bench_train, "generate": bench_generate, "tokenizer": bench_tokenizer,
     "ml4m_tokenizer": bench_ml4m_tokenizer,
     "scenes": bench_scenes, "pretokenize": bench_pretokenize, "masking": bench_masking,
     "pipeline": bench_pipeline, "trainer": bench_trainer, "integrity": bench_integrity,
-    "divae": bench_divae, "finetune": bench_finetune,
+    "divae": bench_divae, "finetune": bench_finetune, "startup": bench_startup,
 }
 
 

@@ -273,15 +273,16 @@ def check_finite(arr, flag: str, mod) -> None:
                            "valid values")
 
 
-def parse_target(spec, item: str, cfg, preset: str = "config"):
-    """A Target from NAME[:key=value...]: the config's defaults (preset "config") or a 4M preset
+def parse_target(spec, item: str, cfg, preset: str = "config", rgb_given: bool = False):
+    """A Target from NAME[:key=value...]: the config's defaults (preset "config": `grid_given_rgb`
+    for a token grid when RGB is a condition, else `grid`) or a 4M preset
     (`fourm.compat.ml4m_assets.PRESETS`), then the options."""
     from fourm.generate.chain import Target
 
     name, *opts = item.split(":")
     name = resolve_name(spec, name.strip(), "target")
     m = spec.modality(name)
-    base = dict(cfg.text) if m.kind == "sequence" else dict(cfg.grid)
+    base = dict(cfg.text) if m.kind == "sequence" else dict(cfg.grid_given_rgb if rgb_given else cfg.grid)
     if preset != "config":
         from fourm.compat import ml4m_assets
 
@@ -428,12 +429,13 @@ def run(argv, F) -> int:
     names = {resolve_name(spec, key, "condition"): value for key, value in cond_items}
     folder_name = resolve_name(spec, folder_items[0][0], "condition") if folder_items else None
     preset = F.preset
+    given = list(names) + ([folder_name] if folder_name else [])
     if preset == "auto":
         from fourm.compat import ml4m_assets
 
-        given = list(names) + ([folder_name] if folder_name else [])
         preset = ml4m_assets.auto_preset(given) if ml4m else "config"
-    targets = [parse_target(spec, t, cfg, preset) for t in F.targets]
+    rgb_given = any(spec.modality(n).source == "rgb" for n in given)
+    targets = [parse_target(spec, t, cfg, preset, rgb_given) for t in F.targets]
     seed = cfg.seed if F.seed is None else F.seed
     conditions = {n: read_condition(spec.modality(n), v, res, ml4m) for n, v in names.items()}
     if ml4m:  # only the tokenizers this run needs (the released ones are large)
@@ -598,7 +600,7 @@ def eval_run(argv, F) -> int:
     positive("--config.eval.num", int(e.num))
     positive("--config.eval.batch_size", int(e.batch_size))
     gen = Generator(load_model(F.checkpoint), load_tokenizers(F.tokenizers), loop=e.loop)
-    grid = parse_target(gen.spec, f"tok_depth@{e.resolution}", cfg) if \
+    grid = parse_target(gen.spec, f"tok_depth@{e.resolution}", cfg, rgb_given=True) if \
         f"tok_depth@{e.resolution}" in gen.spec.names else Target("?")
     grid = dataclasses.replace(grid, temperature=float(e.grid_temperature))
     cap = Target("caption", temperature=float(e.text_temperature),

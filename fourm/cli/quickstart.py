@@ -4,7 +4,8 @@
     fourm-quickstart --config quickstart:smoke    # a few minutes
     fourm-quickstart --config.workdir=runs/qs2    # elsewhere
 
-Runs scenes -> tokenizers -> pre-tokenize -> pretrain (8 simulated devices) -> generate -> report,
+Runs scenes -> tokenizers -> pre-tokenize -> pretrain -> generate -> report (on
+`--config.num_devices` CPU devices: 1 by default, the fastest on a CPU; more are simulated),
 caching every stage in the workdir (a second run skips finished stages; a killed run resumes).
 Generation decodes with fourm's default sampling (greedy, as fourm-generate; see
 fourm.generate.defaults) and reports its compile time apart from its run time.
@@ -31,6 +32,30 @@ def _simulate_devices(n: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def _devices_from_argv(argv: list[str]) -> int:
+    """`config.num_devices` as the command line will set it, read before JAX starts (the flags
+    are parsed later); a config that does not load is reported by the real parse, so 1 here."""
+    from fourm.config import load_config
+
+    spec, override = "quickstart", None
+    for i, a in enumerate(argv):
+        for key in ("--config", "--config.num_devices"):
+            if a == key and i + 1 < len(argv):
+                val = argv[i + 1]
+            elif a.startswith(key + "="):
+                val = a[len(key) + 1:]
+            else:
+                continue
+            if key == "--config":
+                spec = val
+            else:
+                override = val
+    try:
+        return max(1, int(override if override is not None else load_config(spec).num_devices))
+    except Exception:  # noqa: BLE001  (the absl parse names the problem)
+        return 1
+
+
 def define_flags(fv, argv):
     define_config_flag("quickstart", fv, argv)
 
@@ -47,7 +72,7 @@ def run(args, F) -> int:
 
 
 def main(argv=None):
-    _simulate_devices(8)
+    _simulate_devices(_devices_from_argv(list(sys.argv[1:] if argv is None else argv[1:])))
     rc = run_command(sys.modules[__name__], argv)
     if argv is None:
         sys.exit(rc)

@@ -235,6 +235,7 @@ def caption_to_rgb_figures(held: Sequence[dict], images: Sequence[np.ndarray], r
         j = checker_lib.judge(imgs, caps)
         fig[f"caption_rgb_colour_match{sfx}"] = j["colour_match"]
         fig[f"caption_rgb_count_match{sfx}"] = j["count_match"]
+        fig[f"caption_rgb_colour_recall{sfx}"] = j["colour_recall"]
     if checker_scenes:
         v = checker_lib.validate(checker_scenes)
         fig["checker_colour_accuracy_true"] = v["colour_accuracy"]
@@ -276,7 +277,9 @@ def format_figures(fig: dict[str, Any]) -> str:
         p = "{:.0%}"
         lines.append(f"  caption -> RGB (checker): colours right {g('caption_rgb_colour_match', p)} | "
                      f"{g('caption_rgb_colour_match_tokenizer_roundtrip', p)} | "
-                     f"{g('caption_rgb_colour_match_mean_baseline', p)}; counts right "
+                     f"{g('caption_rgb_colour_match_mean_baseline', p)}; caption colours seen "
+                     f"{g('caption_rgb_colour_recall', p)} | {g('caption_rgb_colour_recall_tokenizer_roundtrip', p)} | "
+                     f"{g('caption_rgb_colour_recall_mean_baseline', p)}; counts right "
                      f"{g('caption_rgb_count_match', p)} | {g('caption_rgb_count_match_tokenizer_roundtrip', p)} | "
                      f"{g('caption_rgb_count_match_mean_baseline', p)}; checker on true images: colours "
                      f"{g('checker_colour_accuracy_true', p)}, counts {g('checker_count_accuracy_true', p)}")

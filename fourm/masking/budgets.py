@@ -18,7 +18,7 @@ import numpy as np
 from fourm.modalities import Modality
 
 KEEP_SCHEMES = ("random", "all", "binary")
-PRESETS = ("all2all", "rgb2all")
+PRESETS = ("all2all", "rgb2all", "caption2all")  # any "<modality>2all" works
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,24 +45,33 @@ def preset_component(name: str, modalities: Sequence[Modality], alpha: float, ke
                      input_only: Sequence[str] = (), target_only: Sequence[str] = (),
                      weight: float = 1.0) -> MixtureComponent:
     """`all2all`: every capable modality gets `alpha` on both sides.
-    `rgb2all`: inputs only from the RGB pixel modality (or tok_rgb if there are no pixels),
-    targets from every target-capable modality with `alpha`."""
-    tgt = tuple(alpha if target_capable(m, input_only, target_only) else 0.0 for m in modalities)
+    `<X>2all` (4M's `rgb2all`, and e.g. `caption2all`): the whole input budget from one modality,
+    targets from every other target-capable modality with `alpha`. X is a modality name
+    (`caption`, `tok_rgb@64`) or a source (`rgb`: its pixel modality if there is one, else its
+    token grid)."""
     if name == "all2all":
         inp = tuple(alpha if input_capable(m, input_only, target_only) else 0.0 for m in modalities)
-    elif name == "rgb2all":
-        rgb = [m for m in modalities if m.source == "rgb" and m.kind == "pixels"] or [
-            m for m in modalities if m.source == "rgb" and m.kind == "grid"]
-        rgb = [m for m in rgb if input_capable(m, input_only, target_only)]
-        if not rgb:
-            raise ValueError(f"mixture preset 'rgb2all' needs an RGB input modality (source 'rgb'); "
-                             f"got {[m.name for m in modalities]}")
-        # One positive alpha = the whole input budget goes to it (4M writes 1000 for the same effect).
-        inp = tuple(1.0 if m is rgb[0] else 0.0 for m in modalities)
-    else:
-        raise ValueError(f"unknown mixture preset {name!r}; known: {PRESETS} "
+        tgt = tuple(alpha if target_capable(m, input_only, target_only) else 0.0 for m in modalities)
+        return MixtureComponent(float(weight), inp, tgt, (keep,) * len(modalities), name)
+    if not name.endswith("2all") or len(name) == len("2all"):
+        raise ValueError(f"unknown mixture preset {name!r}; known: {PRESETS} or <modality>2all "
                          f"(or give per-modality alphas)")
-    return MixtureComponent(float(weight), inp, tgt, (keep,) * len(modalities), name)
+    src = name[:-len("2all")]
+    named = [m for m in modalities if m.name == src]
+    by_source = sorted((m for m in modalities if m.source == src), key=lambda m: m.kind != "pixels")
+    cands = [m for m in (named or by_source) if input_capable(m, input_only, target_only)]
+    if not cands:
+        raise ValueError(f"mixture preset {name!r} needs an input modality named or sourced {src!r}; "
+                         f"got {[m.name for m in modalities]}")
+    source = cands[0]
+    # One positive alpha = the whole input budget goes to it (4M writes 1000 for the same effect);
+    # the source is never its own target, so the task is always "from all of X", as generation
+    # conditions on it: a sequence source keeps every token (`all`) instead of a random part.
+    inp = tuple(1.0 if m is source else 0.0 for m in modalities)
+    tgt = tuple(alpha if target_capable(m, input_only, target_only) and m is not source else 0.0
+                for m in modalities)
+    keeps = tuple("all" if m is source and m.kind == "sequence" else keep for m in modalities)
+    return MixtureComponent(float(weight), inp, tgt, keeps, name)
 
 
 def mixture_from_alphas(spec: Mapping, modalities: Sequence[Modality],

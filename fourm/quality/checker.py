@@ -169,12 +169,15 @@ def check(rgb: np.ndarray, caption: str, config: CheckerConfig = CheckerConfig()
 def judge(images: Sequence[np.ndarray], captions: Sequence[str],
           config: CheckerConfig = CheckerConfig()) -> dict[str, float]:
     """colour_match (fraction of images whose object colours are the caption's, see
-    Verdict.colours_ok) and
-    count_match (fraction with the caption's object count)."""
+    Verdict.colours_ok), colour_recall (the mean fraction of the caption's colours seen: partial
+    credit where colour_match gives none) and count_match (fraction with the caption's object
+    count)."""
     if len(images) != len(captions):
         raise ValueError(f"judge: {len(images)} images but {len(captions)} captions")
     v = [check(im, c, config) for im, c in zip(images, captions)]
     return {"colour_match": float(np.mean([x.colours_ok for x in v])),
+            "colour_recall": float(np.mean([len(x.colours & x.caption_colours) / len(x.caption_colours)
+                                            for x in v if x.caption_colours] or [float("nan")])),
             "count_match": float(np.mean([x.count_ok for x in v])), "num": len(v)}
 
 
