@@ -82,7 +82,7 @@ class Worker:
         self.src, self.models, self._text = src, {}, None
 
     # ------------------------------------------------------------------ build
-    def build(self, key, model, batch, train=None, seed=0):
+    def build(self, key, model, batch=None, train=None, seed=0):
         torch = self.torch
         torch.manual_seed(seed)
         cfg = dict(act_layer="SiLU", gated_mlp=True, mlp_bias=False, qkv_bias=False, proj_bias=False,
@@ -95,8 +95,10 @@ class Worker:
         cfg.update(model)
         self.models.pop(key, None)  # free the old one first: base next to tiny is wasted memory
         net = self.fm.FM(config=cfg)
-        entry = dict(net=net, batch=self._batch(batch, seed), n_in=int(batch["input_tokens"]),
-                     n_tgt=int(batch["target_tokens"]))
+        entry = dict(net=net)
+        if batch:  # generation needs none
+            entry.update(batch=self._batch(batch, seed), n_in=int(batch["input_tokens"]),
+                         n_tgt=int(batch["target_tokens"]))
         if train:
             entry["opt"] = self._optimizer(net, train)
             entry["clip"] = float(train.get("clip_grad") or 0.0)
@@ -154,6 +156,8 @@ class Worker:
         if m is None:
             raise ValueError(f"no model {key!r} built (have {sorted(self.models)})")
         torch, net = self.torch, m["net"]
+        if figure in ("fwd", "fwd_bwd", "train_step") and "batch" not in m:
+            raise ValueError(f"model {key!r} was built without a 'batch'")
         if figure == "fwd":
             net.train()
 
