@@ -85,7 +85,9 @@ def test_attach_puts_both_sides_on_the_result_and_the_table_says_same_run():
     assert "order flipped every round" in table and "recorded" not in table
     details = reference.format_details([back])
     assert "torch 2.14.1" in details and "load 0.5 -> 1.5" in details and "page faults/call ml-4m 100" in details
-    assert "rounds: 1.20, 1.25, 1.30" in details
+    assert "rounds: 1.20, 1.25, 1.30" in details and "WARNING" not in details
+    back.extra["reference"]["load_end"] = [3 * (os.cpu_count() or 1), 0, 0]
+    assert "WARNING: load average up to" in reference.format_details([back])
 
 
 def test_recorded_seconds_are_never_shown_as_a_same_run_ratio():

@@ -28,9 +28,11 @@ malloc options as fourm.hostmem (off by default: ml-4m as its users run it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import json
+import io
 import os
 import random
 import resource
@@ -111,7 +113,8 @@ class Worker:
         from fourm.utils.optim_factory import get_parameter_groups  # 4M's decay / no-decay split
 
         skip = net.no_weight_decay() if hasattr(net, "no_weight_decay") else {}
-        groups = get_parameter_groups(net, float(t["weight_decay"]), skip)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints every group's parameter names
+            groups = get_parameter_groups(net, float(t["weight_decay"]), skip)
         return self.torch.optim.AdamW(groups, lr=float(t["lr"]), betas=tuple(t["betas"]), eps=float(t["eps"]))
 
     def _batch(self, b, seed):

@@ -254,6 +254,13 @@ def format_details(results) -> str:
                      f"{live['load_start'][0]} -> {live['load_end'][0]}")
     if not lines:
         return ""
+    cores = os.cpu_count() or 1
+    busy = max(max(r.extra["reference"]["load_start"][0], r.extra["reference"]["load_end"][0])
+               for r in results if r.reference_ratio is not None and "reference" in r.extra)
+    if busy > 1.5 * cores:
+        lines.append(f"  WARNING: load average up to {busy} on {cores} cores: oversubscribed, PyTorch's OpenMP "
+                     "threads spin at every barrier while a sibling is preempted, so these ratios measure "
+                     "the neighbours, not the two implementations (docs/benchmarks.md)")
     h = hello or {}
     head = (f"same-run reference (ml-4m, torch {h.get('torch', '?')}, {h.get('threads', '?')} threads, "
             f"{h.get('interop_threads', '?')} inter-op, keep_freed_memory={h.get('keep_freed_memory', '?')}):")
