@@ -49,8 +49,9 @@ from fourm.bench import reference
 from fourm.bench.common import (Result, children_peak_rss_bytes, device_peak_bytes, peak_rss_bytes,
                                 reset_peak_rss, time_calls)
 
-# PyTorch ml-4m on the 2-core CPU machine, fp32, batch 8, 128 + 128 tokens, the 4 reference
-# modalities (MISSION.md): seconds per call.
+# PyTorch ml-4m recorded once on another, slower 2-core VM, fp32, batch 8, 128 + 128 tokens, the 4
+# reference modalities (MISSION.md): seconds per call. Shown only marked "recorded" (a ratio across
+# machines); --reference_python/--reference_src measure ml-4m in the same run (fourm.bench.reference).
 REFERENCE_S = {"model.tiny.fwd": 0.48, "model.tiny.fwd_bwd": 1.52, "model.base.fwd": 2.9,
                "model.base.fwd_bwd": 9.1, "generate.tiny.maskgit": 1.0, "generate.base.maskgit": 5.9}
 REFERENCE_MODALITIES = ("rgb@224", "tok_rgb@224", "tok_depth@224", "caption")
