@@ -32,6 +32,20 @@ def get_config(arg=None):
   # programs or caches left by an earlier group. False = one process (faster; RSS peaks reset).
   c.isolate = not quick
 
+  # PyTorch ml-4m measured in the same run (fourm.bench.reference, docs/benchmarks.md): the
+  # interpreter of a scratch venv with torch + ml-4m's dependencies, and an ml-4m work tree.
+  # Empty python = no live reference (recorded seconds, marked "recorded", where shapes match).
+  c.reference = ml_collections.ConfigDict(dict(
+      python="",  # --reference_python
+      src="",  # --reference_src
+      rounds=5,  # alternating rounds per figure, the order flipped each round (iters calls a side)
+      threads=0,  # torch.set_num_threads in the worker (0 = torch's default: the physical cores)
+      interop_threads=0,  # torch.set_num_interop_threads (0 = default)
+      keep_freed_memory=False,  # the worker gets fourm.hostmem's glibc settings too (page faults)
+      timeout_s=1800.0,  # per request (a build or one figure's round)
+      worker="",  # another worker script speaking the same protocol (tests); "" = ml-4m's
+  ))
+
   # Model forward / forward+backward (and the train step) at 4M's reference shapes.
   c.model = ml_collections.ConfigDict(dict(
       sizes=["tiny"] if quick else ["tiny", "base"],

@@ -40,9 +40,10 @@ def test_table_has_every_column_and_the_reference_ratio():
     for col in ("name", "time", "CPU time", "throughput", "peak mem", "FLOPs", "FLOP/s", "MFU", "vs reference"):
         assert col in head
     row = next(line for line in table.splitlines() if line.startswith("model.tiny.fwd"))
-    assert "2.00x (ref 480.0 ms)" in row and "250 G/s" in row and "3.000 GiB" in row
+    assert "2.00x recorded (ref 480.0 ms)" in row and "250 G/s" in row and "3.000 GiB" in row
     assert "0.03%" in row  # 250 GFLOP/s of 989 TFLOP/s
     assert "includes earlier ones" in table  # the cumulative-RSS footnote
+    assert "another, slower VM" in table  # recorded seconds say where they come from
     assert "MFU" not in common.format_table(_results())
 
 

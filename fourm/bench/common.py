@@ -43,7 +43,9 @@ class Result:
     peak_rss_cumulative: bool = False  # True: the mark could not be reset (includes earlier work)
     device_peak: int | None = None  # bytes, jax device peak_bytes_in_use (accelerators)
     flops: float | None = None  # per call (XLA cost analysis; see the benchmark's note)
-    reference_s: float | None = None  # PyTorch ml-4m on the 2-core CPU machine, same shapes
+    reference_s: float | None = None  # PyTorch ml-4m, same shapes (reference_source says where from)
+    reference_ratio: float | None = None  # same run: median of per-round ratios ref / fourm
+    reference_source: str = ""  # "same run" (fourm.bench.reference) | "" = seconds recorded elsewhere
     first_s: float | None = None  # first call (compilation included)
     cpu_s: float | None = None  # process CPU time per steady-state call (all threads)
     note: str = ""
@@ -237,14 +239,36 @@ def seconds_str(s: float | None) -> str:
     return f"{s:.2f} s"
 
 
+SAME_RUN_NOTE = ("same run: ml-4m (PyTorch, its own process) and fourm called alternately in this run, the "
+                 "order flipped every round; the ratio is the median of per-round ratios of medians")
+RECORDED_NOTE = ("recorded: ml-4m seconds timed once on another, slower VM (fourm.bench.suite.REFERENCE_S), "
+                 "not in this run, so not a same-run ratio; --reference_python/--reference_src measure "
+                 "ml-4m side by side (docs/benchmarks.md)")
+
+
+def reference_cell(r: Result) -> str:
+    """The "vs reference" column: a same-run ratio, or a recorded one marked as such."""
+    if r.reference_ratio is not None:
+        live = r.extra.get("reference", {})
+        return (f"{r.reference_ratio:.2f}x same run (ml-4m {seconds_str(r.reference_s)} / fourm "
+                f"{seconds_str(live.get('fourm_s'))}, {len(live.get('rounds', []))} rounds)")
+    if r.reference_s:
+        return f"{r.reference_s / r.seconds:.2f}x recorded (ref {seconds_str(r.reference_s)})"
+    return "-"
+
+
 def format_table(results: Sequence[Result], peak_flops: float | None = None) -> str:
     """name | time | CPU time | throughput | peak mem | FLOPs | FLOP/s | [MFU |] vs reference.
+
+    vs reference: with a same-run reference (fourm.bench.reference) the median of per-round
+    ratios ml-4m / fourm; a ratio against recorded seconds says "recorded" and a footnote says
+    where they come from.
 
     CPU time = process CPU seconds per call (all threads): on a shared machine, wall time / CPU
     time shows how much of the machine the benchmark actually got."""
     head = ["name", "time", "CPU time", "throughput", "peak mem", "FLOPs", "FLOP/s"]
     head += ["MFU"] if peak_flops else []
-    head += ["vs reference (ref / time)"]
+    head += ["vs reference (ml-4m / fourm)"]
     rows = []
     for r in results:
         tp = f"{human(r.throughput)} {r.unit}".strip() if r.throughput is not None else "-"
@@ -256,14 +280,17 @@ def format_table(results: Sequence[Result], peak_flops: float | None = None) -> 
         if peak_flops:
             m = r.mfu(peak_flops)
             row.append("-" if m is None else f"{100 * m:.{1 if m >= 0.01 else 2}f}%")
-        row.append(f"{r.reference_s / r.seconds:.2f}x (ref {seconds_str(r.reference_s)})"
-                   if r.reference_s else "-")
+        row.append(reference_cell(r))
         rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     lines = [fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(r) for r in rows]
     if any(r.peak_rss_cumulative for r in results):
         lines.append("* peak RSS could not be reset between benchmarks: includes earlier ones")
+    if any(r.reference_ratio is not None for r in results):
+        lines.append(SAME_RUN_NOTE)
+    if any(r.reference_s and r.reference_ratio is None for r in results):
+        lines.append(RECORDED_NOTE)
     return "\n".join(lines)
 
 

@@ -93,8 +93,8 @@ def main(argv):
                 print(f"[{loop:8s}] batch {b}: chain without KV cache (the reference's algorithm "
                       f"for text) {t_nc:.3f} s wall / {cpu_nc:.3f} s CPU (first {c_nc:.1f} s)",
                       flush=True)
-    print("\nsummary (steady state, seconds; reference MaskGIT-8 = "
-          f"{REFERENCE_MASKGIT_S:.1f} s at batch 1):")
+    print("\nsummary (steady state, seconds; ml-4m MaskGIT-8 recorded on another VM = "
+          f"{REFERENCE_MASKGIT_S:.1f} s at batch 1; same-run: fourm-bench --reference_python):")
     print(f"{'loop':9s} {'B':>3s} {'maskgit':>8s} {'(cpu)':>8s} {'chain':>8s} {'(cpu)':>8s} "
           f"{'chain/sample':>13s} {'compile(maskgit)':>17s} {'compile(caption)':>17s}")
     for loop, b, c_mg, t_mg, c_ch, t_ch, cpu_mg, cpu_ch in rows:

@@ -5,8 +5,10 @@
 
 Shapes: batch 8, 128 input + 128 target tokens, modalities rgb@224 pixels + tok_rgb@224 +
 tok_depth@224 + caption (4M's vocabularies 16384 / 8192 / 30000), budgets split per sample by a
-Dirichlet(1) draw as 4M's masking does. Compared with the PyTorch reference (ml-4m, fp32, same
-machine class): tiny forward 0.48 s, forward+backward 1.52 s; base 2.9 s / 9.1 s.
+Dirichlet(1) draw as 4M's masking does. Printed next to PyTorch ml-4m seconds recorded once on
+another VM (fp32): tiny forward 0.48 s, forward+backward 1.52 s; base 2.9 s / 9.1 s. Those
+ratios mix two machines; `fourm-bench --reference_python ... --reference_src ...` measures ml-4m
+in the same run (docs/benchmarks.md).
 
 Model FLOPs per step = XLA cost analysis of the jitted encoder+decoder (no head) + the output
 heads counted exactly (2 T_m D V_m per modality for the forward, 3x that with the backward):
@@ -139,7 +141,9 @@ def bench_size(size: str) -> None:
         line = (f"  {label:17s} {t:7.3f} s/step (cpu {c:6.2f} s)  {tokens / t:8.0f} tokens/s  "
                 f"{fl / 1e9:6.1f} GFLOP/step  {fl / t / 1e9:6.1f} GFLOP/s  {faults:7.0f} page faults")
         if r:
-            line += f"  | PyTorch {r:.2f} s: {r / t:.2f}x throughput (cpu/{cores}: {r / (c / cores):.2f}x)"
+            # Recorded once on another VM: not a same-run ratio (fourm-bench --reference_python is).
+            line += (f"  | recorded PyTorch {r:.2f} s (another VM): {r / t:.2f}x throughput "
+                     f"(cpu/{cores}: {r / (c / cores):.2f}x)")
         print(line)
     print(f"  (FLOPs: trunk {trunk_flops / 1e9:.1f} GFLOP from XLA cost analysis + heads "
           f"{head_flops / 1e9:.1f} GFLOP counted; backward taken as 2x forward)")

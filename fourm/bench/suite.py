@@ -45,11 +45,13 @@ from typing import Callable
 import numpy as np
 
 from fourm.io import atomic_write
+from fourm.bench import reference
 from fourm.bench.common import (Result, children_peak_rss_bytes, device_peak_bytes, peak_rss_bytes,
                                 reset_peak_rss, time_calls)
 
-# PyTorch ml-4m on the 2-core CPU machine, fp32, batch 8, 128 + 128 tokens, the 4 reference
-# modalities (MISSION.md): seconds per call.
+# PyTorch ml-4m recorded once on another, slower 2-core VM, fp32, batch 8, 128 + 128 tokens, the 4
+# reference modalities (MISSION.md): seconds per call. Shown only marked "recorded" (a ratio across
+# machines); --reference_python/--reference_src measure ml-4m in the same run (fourm.bench.reference).
 REFERENCE_S = {"model.tiny.fwd": 0.48, "model.tiny.fwd_bwd": 1.52, "model.base.fwd": 2.9,
                "model.base.fwd_bwd": 9.1, "generate.tiny.maskgit": 1.0, "generate.base.maskgit": 5.9}
 REFERENCE_MODALITIES = ("rgb@224", "tok_rgb@224", "tok_depth@224", "caption")
@@ -137,33 +139,49 @@ def bench_model(c) -> list[Result]:
     from fourm.model import build_model, loss_fn
 
     out = []
-    for size in c.model.sizes:
-        cfg = model_config(c, size)
-        model = build_model(cfg, seed=0)
-        batch = model_batch(c, model.spec)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    with reference.open_worker(c) as ref:
+        for size in c.model.sizes:
+            cfg = model_config(c, size)
+            model = build_model(cfg, seed=0)
+            batch = model_batch(c, model.spec)
+            _build_reference(ref, size, cfg, model.spec, batch)
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-        def loss(p, b):
-            return loss_fn(nnx.merge(graphdef, p, rest), b)[0]
+            def loss(p, b):
+                return loss_fn(nnx.merge(graphdef, p, rest), b)[0]
 
-        flops = model_flops(cfg, batch)
-        tokens = c.model.batch * (c.model.input_tokens + c.model.target_tokens)
-        n_params = sum(x.size for x in jax.tree.leaves(params))
-        for kind, fn in (("fwd", jax.jit(loss)), ("fwd_bwd", jax.jit(jax.value_and_grad(loss)))):
-            reset_peak_rss()
-            t = time_calls(lambda: fn(params, batch), c.iters)
-            name = f"model.{size}.{kind}"
-            out.append(_finish(Result(
-                name, t.median_s, tokens / t.median_s, "tokens/s", flops=flops[kind],
-                reference_s=_reference(c, name), first_s=t.first_s, cpu_s=t.cpu_s,
-                extra=dict(params=n_params, dtype=cfg.dtype, batch=c.model.batch, tokens=tokens,
-                           trunk_fwd_flops=flops["trunk_fwd"], head_fwd_flops=flops["head_fwd"]))))
-        del model, params, rest, batch
+            flops = model_flops(cfg, batch)
+            tokens = c.model.batch * (c.model.input_tokens + c.model.target_tokens)
+            n_params = sum(x.size for x in jax.tree.leaves(params))
+            for kind, fn in (("fwd", jax.jit(loss)), ("fwd_bwd", jax.jit(jax.value_and_grad(loss)))):
+                reset_peak_rss()
+                t = time_calls(lambda: fn(params, batch), c.iters)
+                name = f"model.{size}.{kind}"
+                r = Result(name, t.median_s, tokens / t.median_s, "tokens/s", flops=flops[kind],
+                           reference_s=_reference(c, name), first_s=t.first_s, cpu_s=t.cpu_s,
+                           extra=dict(params=n_params, dtype=cfg.dtype, batch=c.model.batch, tokens=tokens,
+                                      trunk_fwd_flops=flops["trunk_fwd"], head_fwd_flops=flops["head_fwd"]))
+                out.append(_finish(reference.compare(r, lambda: fn(params, batch), ref, size, kind, c)))
+            del model, params, rest, batch
     return out
+
+
+def _build_reference(ref, key: str, cfg, spec, batch=None, train=None) -> None:
+    """ml-4m's model at fourm's shapes in the reference worker (with fourm's token counts)."""
+    if ref is None:
+        return
+    answer = ref.build(key, model=reference.model_spec(cfg), train=train,
+                       batch=None if batch is None else reference.batch_counts(spec, batch))
+    reference.check_built(answer, cfg)
 
 
 def bench_train(c) -> list[Result]:
     """One optimizer step (fwd+bwd + clipping + AdamW) with donated state, as the trainer runs it."""
+    with reference.open_worker(c) as ref:
+        return [_train_step(c, size, ref) for size in c.train.sizes]
+
+
+def _train_step(c, size: str, ref) -> Result:
     import jax
 
     from fourm.config import load_config
@@ -172,35 +190,36 @@ def bench_train(c) -> list[Result]:
     from fourm.train.optimizer import make_optimizer
     from fourm.train.step import init_state, make_train_step
 
-    out = []
-    for size in c.train.sizes:
-        cfg = model_config(c, size)
-        model = build_model(cfg, seed=0)
-        batch = model_batch(c, model.spec)
-        flops = model_flops(cfg, batch)["fwd_bwd"]
-        attention = attention_impl(cfg.attention_impl, cfg.dtype, cfg.dim // cfg.num_heads)
-        tx, schedule = make_optimizer(load_config("pretrain").optim, 1000)
-        graphdef, state = init_state(model, tx)
-        del model
-        step = jax.jit(make_train_step(graphdef, loss_fn, tx, schedule), donate_argnums=0)
-        holder = [state]
+    cfg = model_config(c, size)
+    model = build_model(cfg, seed=0)
+    batch = model_batch(c, model.spec)
+    flops = model_flops(cfg, batch)["fwd_bwd"]
+    attention = attention_impl(cfg.attention_impl, cfg.dtype, cfg.dim // cfg.num_heads)
+    optim = load_config("pretrain").optim
+    tx, schedule = make_optimizer(optim, 1000)
+    _build_reference(ref, size, cfg, model.spec, batch, train=dict(  # the same AdamW and clipping
+        lr=optim.lr, betas=[optim.b1, optim.b2], eps=optim.eps, weight_decay=optim.weight_decay,
+        clip_grad=optim.clip_grad))
+    graphdef, state = init_state(model, tx)
+    del model
+    step = jax.jit(make_train_step(graphdef, loss_fn, tx, schedule), donate_argnums=0)
+    holder = [state]
 
-        def call():
-            holder[0], metrics = step(holder[0], batch)
-            return metrics["loss"]
+    def call():
+        holder[0], metrics = step(holder[0], batch)
+        return metrics["loss"]
 
-        reset_peak_rss()
-        t = time_calls(call, c.iters)
-        tokens = c.model.batch * (c.model.input_tokens + c.model.target_tokens)
-        out.append(_finish(Result(
-            f"train.{size}.step", t.median_s, tokens / t.median_s, "tokens/s", flops=flops,
-            first_s=t.first_s, cpu_s=t.cpu_s,
-            note=f"{cfg.dtype}, {attention} attention; FLOPs = model forward+backward from XLA's "
-                 "cost analysis of an unrolled twin + analytic output heads (no remat recompute, "
-                 "optimizer not counted)",
-            extra=dict(batch=c.model.batch, tokens=tokens, dtype=cfg.dtype, attention=attention))))
-        del holder, state, step
-    return out
+    reset_peak_rss()
+    t = time_calls(call, c.iters)
+    tokens = c.model.batch * (c.model.input_tokens + c.model.target_tokens)
+    r = Result(
+        f"train.{size}.step", t.median_s, tokens / t.median_s, "tokens/s", flops=flops,
+        first_s=t.first_s, cpu_s=t.cpu_s,
+        note=f"{cfg.dtype}, {attention} attention; FLOPs = model forward+backward from XLA's "
+             "cost analysis of an unrolled twin + analytic output heads (no remat recompute, "
+             "optimizer not counted)",
+        extra=dict(batch=c.model.batch, tokens=tokens, dtype=cfg.dtype, attention=attention))
+    return _finish(reference.compare(r, call, ref, size, "train_step", c))
 
 
 # ============================================================================================ generate
@@ -208,7 +227,13 @@ def bench_generate(c) -> list[Result]:
     """RGB -> depth (MaskGIT, cosine schedule) at each batch size and loop form, and the caption
     alone (RGB + depth -> caption, greedy, KV cache). Figures: steady-state time per call, samples/s
     (time per sample = 1 / throughput), compile time (first call - steady state) and the number of
-    compiled MaskGIT step programs (loop auto/buckets) in `extra`."""
+    compiled MaskGIT step programs (loop auto/buckets) in `extra`. With a live reference, the first
+    loop form's MaskGIT figures and the caption are also timed in ml-4m (GenerationSampler)."""
+    with reference.open_worker(c) as ref:
+        return _generate(c, ref)
+
+
+def _generate(c, ref) -> list[Result]:
     from fourm import modalities as modreg
     from fourm.data.scenes import generate_scene
     from fourm.generate.chain import Generator, Target
@@ -226,6 +251,7 @@ def bench_generate(c) -> list[Result]:
     for size in g.sizes:
         cfg = model_config(c, size)
         model = build_model(cfg, seed=0)
+        _build_reference(ref, size, cfg, model.spec)
         t_depth = Target(depth.name, steps=g.steps, temperature=1.0)
         t_cap = Target(caption.name, max_new_tokens=g.caption_tokens, temperature=0.0)
         for form in g.loops:
@@ -247,13 +273,19 @@ def bench_generate(c) -> list[Result]:
                 if loop in ("auto", "buckets"):
                     # Programs compiled for this batch size (the step is shared by all loops).
                     extra.update(buckets=nb, programs=gen._step_fn._cache_size() - programs0)
-                ref = _reference(c, f"generate.{size}.maskgit") if b == 1 and g.steps == 8 else None
-                out.append(_finish(Result(
-                    name, t.median_s, b / t.median_s, "samples/s", reference_s=ref,
+                recorded = _reference(c, f"generate.{size}.maskgit") if b == 1 and g.steps == 8 else None
+                r = Result(
+                    name, t.median_s, b / t.median_s, "samples/s", reference_s=recorded,
                     first_s=t.first_s, cpu_s=t.cpu_s, extra=extra,
                     note=f"{rgb.name} -> {depth.name} ({g.steps} steps, batch {b}, loop {loop}): "
                          f"compile {extra['compile_s']:.1f} s, {1e3 * t.median_s / b:.1f} ms/sample"
-                         + (f", {extra['programs']} step programs" if "programs" in extra else ""))))
+                         + (f", {extra['programs']} step programs" if "programs" in extra else ""))
+                if form == g.loops[0]:  # one ml-4m counterpart per batch size
+                    reference.compare(r, lambda img=img: gen.generate({rgb.name: img}, [t_depth], seed=0,
+                                                                      decode=False).tokens,
+                                      ref, size, "maskgit", c, args=dict(batch=b, steps=g.steps, temperature=1.0,
+                                                                         schedule="cosine"))
+                out.append(_finish(r))
         # The caption alone: its condition (RGB + depth tokens) is fixed, so only text is timed.
         gen = Generator(model, loop=g.loops[0], buckets=int(g.buckets))
         toks = gen.generate({rgb.name: scene}, [t_depth], seed=0, decode=False).tokens[depth.name]
@@ -269,12 +301,14 @@ def bench_generate(c) -> list[Result]:
         generated = np.asarray(last["gen"].trace[caption.name]["length"]).tolist()
         extra = dict(batch=1, caption_tokens=g.caption_tokens, generated=generated, dtype=cfg.dtype,
                      compile_s=max(t.first_s - t.median_s, 0.0))
-        out.append(_finish(Result(
+        r = Result(
             f"generate.{size}.caption", t.median_s, 1.0 / t.median_s, "samples/s",
             first_s=t.first_s, cpu_s=t.cpu_s, extra=extra,
             note=f"{rgb.name} + {depth.name} -> {caption.name} (greedy, KV cache, at most "
                  f"{g.caption_tokens} tokens, generated {generated}): compile "
-                 f"{extra['compile_s']:.1f} s")))
+                 f"{extra['compile_s']:.1f} s")
+        out.append(_finish(reference.compare(r, call, ref, size, "caption", c,
+                                             args=dict(batch=1, tokens=g.caption_tokens, temperature=0.0))))
     return out
 
 

@@ -4,11 +4,15 @@
     fourm-bench --only model,scenes --json out.json
     fourm-bench --quick                           # small shapes: a CI smoke run
     fourm-bench --compare old.json --json new.json
+    fourm-bench --only model,train,generate --reference_python /tmp/torchenv/bin/python \
+                --reference_src /tmp/ml4m_src         # ml-4m side by side, same run
     fourm-bench --device gpu --json gpu.json      # configs/bench.py:gpu: bf16, cuDNN attention, 4M-B/L
                                                   # train step MFU (--peak_tflops, default 989 = H100/H200)
 
 Prints, per figure: name | time | CPU time | throughput | peak mem | FLOPs | FLOP/s | [MFU |] vs
-reference (the PyTorch ml-4m timings on the 2-core CPU machine, where the shapes match). Groups:
+reference: with --reference_python/--reference_src, PyTorch ml-4m timed in the same run, the two
+called alternately (fourm.bench.reference, docs/benchmarks.md); without, a ratio against ml-4m
+seconds recorded on another VM, marked "recorded", where the shapes match. Groups:
 model, train (train step at the model's shapes), generate, tokenizer, scenes, pretokenize, masking,
 pipeline, trainer (the real trainer via fourm.bench.train), finetune (fine-tuning and the encoder as
 a backbone vs scratch), divae (4M's DiVAE decode: DDIM vs DDPM;
@@ -47,6 +51,11 @@ def define_flags(fv, argv):
     flags.DEFINE_integer("iters", None, "timed calls per figure (median); alias of config.iters", **d)
     flags.DEFINE_boolean("isolate", None, "each group in a fresh process (own peak memory); alias of "
                          "config.isolate", **d)
+    flags.DEFINE_string("reference_python", None, "interpreter of a venv with torch + ml-4m's "
+                        "dependencies: time PyTorch ml-4m side by side in this run (docs/benchmarks.md); "
+                        "alias of config.reference.python", **d)
+    flags.DEFINE_string("reference_src", None, "an apple/ml-4m work tree (with --reference_python); "
+                        "alias of config.reference.src", **d)
     flags.DEFINE_string("json", None, "write the results (and machine, commit, config) to this JSON "
                         "file", **d)
     flags.DEFINE_string("compare", None, "a JSON file an earlier run wrote: print time ratios "
@@ -71,6 +80,9 @@ def resolved_config(F):
                         ("iters", "iters"), ("isolate", "isolate")):
         if F[flag].value is not None:
             c[field] = F[flag].value
+    for flag, field in (("reference_python", "python"), ("reference_src", "src")):
+        if F[flag].value is not None:
+            c.reference[field] = F[flag].value
     c.only = [g for g in c.only if g not in set(F.skip)]
     positive("--iters (config.iters)", int(c.iters))
     if not float(c.peak_tflops) > 0:
@@ -90,11 +102,18 @@ def run(argv, F) -> int:
         raise app.UsageError(f"fourm-bench takes no positional arguments, got {argv[1:]}")
     c = resolved_config(F)
     _select_platform(c.device)
+    if not c.isolate:
+        # The groups run in this process: measure fourm as fourm-train and the isolated group
+        # workers run it (glibc keeps freed memory), before JAX starts its thread pools.
+        from fourm.hostmem import keep_freed_memory
 
-    from fourm.bench import common, suite
+        keep_freed_memory()
+
+    from fourm.bench import common, reference, suite
 
     try:
         groups = suite.check_groups(c.only)
+        reference.check_config(c)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     old = common.read_json(F.compare) if F.compare else None  # fail before hours of work
@@ -119,6 +138,9 @@ def run(argv, F) -> int:
     notes = [f"  {r.name}: {r.note}" for r in results if r.note]
     if notes:
         print("notes:\n" + "\n".join(notes))
+    details = reference.format_details(results)
+    if details:
+        print(details)
     print(f"load average before {env['load_average']}, after {env_after['load_average']} "
           f"({env['cpu_count']} CPUs): timings on a shared machine are noisy")
     if failed:
