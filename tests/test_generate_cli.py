@@ -48,6 +48,10 @@ def test_cli_pieces_write_pictures_text_and_grid(files):
             "caption": cli.read_condition(spec.modality("caption"), "a red cube [S_1]", 64)}
     t = cli.parse_target(spec, "depth:steps=3:temperature=1.0:temperature_schedule=constant", cfg)
     assert (t.name, t.steps, t.temperature, t.scheme, t.top_p) == (DEPTH.name, 3, 1.0, "maskgit", None)
+    # fourm's defaults: one step when RGB is a condition, MaskGIT-8 otherwise; options still win
+    assert cli.parse_target(spec, "depth", cfg, rgb_given=True).steps == 1
+    assert cli.parse_target(spec, "depth", cfg).steps == 8
+    assert cli.parse_target(spec, "depth:steps=3", cfg, rgb_given=True).steps == 3
     cap = cli.parse_target(spec, "caption:temperature=0:max_new_tokens=6", cfg)
     assert (cap.name, cap.max_new_tokens, cap.temperature) == ("caption", 6, 0.0)
     with pytest.raises(Exception, match="not key=value"):

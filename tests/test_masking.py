@@ -248,6 +248,35 @@ def test_pixels_normalised_as_imagenet():
     assert (out["dec_mod"][out["dec_valid"]] == 1).all()
 
 
+def test_x2all_presets_take_every_input_from_one_modality():
+    """`<X>2all` (4M's rgb2all, generalised): the whole input from X, never X as a target; a
+    sequence source is kept whole (generation conditions on all of a caption)."""
+    mods = modalities.resolve(["rgb@64", "tok_rgb@64", "tok_depth@64", "caption"])
+    t = MaskingTransform(mods, 64, 64, "caption2all")
+    (comp,) = t.components
+    assert comp.input_alphas == (0.0, 0.0, 0.0, 1.0) and comp.target_alphas == (0.0, 0.5, 0.5, 0.0)
+    assert comp.keep[3] == "all"
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        cap = rng.integers(300, 4096, rng.integers(1, 30))
+        s = {"rgb@64": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+             "tok_rgb@64": rng.integers(0, 1024, (8, 8)), "tok_depth@64": rng.integers(0, 1024, 64),
+             "caption": cap}
+        out = t(s, rng)
+        enc = out["enc_mod"][out["enc_valid"]]
+        assert (enc == 3).all()
+        # every caption id reaches the encoder (plus the layout's own start/end markers)
+        assert set(cap.tolist()) <= set(out["enc_ids"][out["enc_valid"]].tolist())
+        assert not (out["dec_mod"][out["dec_valid"]] == 3).any()
+    # a modality name works as well as a source; the preset name says what is wrong
+    (comp,) = MaskingTransform(mods, 32, 32, "tok_depth@642all").components
+    assert comp.input_alphas == (0.0, 0.0, 1.0, 0.0) and comp.target_alphas[2] == 0.0
+    with pytest.raises(ValueError, match=r"'normals2all' needs an input modality named or sourced 'normals'"):
+        MaskingTransform(mods, 32, 32, "normals2all")
+    with pytest.raises(ValueError, match=r"unknown mixture preset 'all2none'"):
+        MaskingTransform(mods, 32, 32, "all2none")
+
+
 # ------------------------------------------------------------------------------------------------
 # 4M parity: format of the fixture's masked captions, ml4m modalities end to end
 # ------------------------------------------------------------------------------------------------

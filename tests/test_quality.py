@@ -79,12 +79,16 @@ def test_checker_on_degraded_true_images(true_scenes):
     assert j["colour_match"] >= 0.9, j
     shuffled = checker.judge(imgs, [s["caption"] for s in true_scenes[1:31]])
     assert shuffled["colour_match"] <= 0.4, shuffled
+    # partial credit: the right images see nearly all their caption's colours, the wrong far fewer
+    assert j["colour_recall"] >= 0.95 and shuffled["colour_recall"] <= 0.75, (j, shuffled)
+    grey = checker.judge([np.full_like(imgs[0], 128)] * 3, [s["caption"] for s in true_scenes[:3]])
+    assert grey["colour_recall"] == 0.0
 
 
 def _figures():
     return {"depth_abs_rel": 0.2, "depth_abs_rel_tokenizer_roundtrip": 0.05, "depth_abs_rel_mean_map_baseline": 0.3,
             "depth_rmse": 0.5, "normals_angle_deg": 20.0, "semseg_miou": 0.4, "caption_count_accuracy": 0.5,
-            "caption_rgb_colour_match": 0.3, "caption_rgb_count_match": 0.2,
+            "caption_rgb_colour_match": 0.3, "caption_rgb_count_match": 0.2, "caption_rgb_colour_recall": 0.6,
             "checker_colour_accuracy_true": 0.99, "checker_count_accuracy_true": 0.9}
 
 
@@ -101,6 +105,7 @@ def test_quality_table_schema_and_gate(tmp_path):
     c = q["tasks"]["caption->rgb"]
     assert c["fourm"] == 0.3 and c["checker_accuracy_on_true_images"] == 0.99
     assert c["count_match"]["fourm"] is None  # the checker counts right 90% < 95%: no verdict
+    assert c["colour_recall"]["fourm"] == 0.6  # colours are validated (99%): judged
     assert q["minutes"] == {"pretrain": 3.0, "specialist_each": 2.0}
     json.dumps(q, allow_nan=False)
     assert any(r["task"] == "rgb->semseg" for r in table.rows_for_report(q))

@@ -43,6 +43,7 @@ def test_quickstart_smoke_runs_and_caches(tmp_path):
            f"--config.workdir={work}"]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "(2 devices)" in first.stdout + first.stderr  # the smoke profile's config.num_devices
     for name, _ in STAGES:
         done = json.loads((work / name / "DONE.json").read_text())
         assert done["wall_s"] >= 0
@@ -88,6 +89,15 @@ def test_quickstart_smoke_runs_and_caches(tmp_path):
         pictures = sum("image/png" in o.get("data", {}) for o in outputs)
         assert pictures >= min_pictures, f"{name}: {pictures} pictures, expected >= {min_pictures}"
 
+    # Time to first result (fourm.bench.startup) on these artifacts: the three user commands run
+    # as fresh processes, cold then warm, and are compared with the in-process work.
+    from fourm.bench import startup
+
+    results = {r.name: r for r in startup.run(work, rounds=1, log=lambda *a, **k: None)}
+    assert set(results) == {f"startup.{n}.warm" for n in ("generate", "train", "tokenizer")}
+    for r in results.values():
+        assert r.seconds > 0 and r.first_s > 0 and r.extra["steady_s"] > 0, r
+
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_notebooks_are_stored_without_outputs(name):
@@ -112,3 +122,13 @@ def test_workdir_remembers_its_config_and_refuses_another(tmp_path):
     default = load_config("quickstart", [f"workdir={tmp_path}"])
     with pytest.raises(WorkdirMismatchError, match=r"config.json.*profile: 'smoke' -> 'default'"):
         write_config(default)
+
+
+def test_device_count_is_read_from_the_command_line_before_jax_starts():
+    from fourm.cli.quickstart import _devices_from_argv
+
+    assert _devices_from_argv([]) == 1  # the default profile: the real device count
+    assert _devices_from_argv(["--config", "quickstart:smoke"]) == 2
+    assert _devices_from_argv(["--config=quickstart:smoke", "--config.num_devices=8"]) == 8
+    assert _devices_from_argv(["--config.num_devices", "4"]) == 4
+    assert _devices_from_argv(["--config", "nosuchconfig"]) == 1  # the real parse reports it
