@@ -51,12 +51,17 @@ def enable_compilation_cache(setting: str | None = None) -> Path | None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None
+    # JAX caches only programs that took >= 1 s to compile by default; a generation or a first
+    # training step is dozens of smaller ones (bucketed MaskGIT steps, the text decoder's prefill
+    # and step, tokenizer decoders), which a warm process then compiled again. Cache them all.
     if "jax" in sys.modules:
         import jax
 
         jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     else:
         os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(path))
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     return path
 
 
