@@ -89,8 +89,8 @@ def _tokenizer_config(cfg, recipe: str, out: Path):
     tc.train.image_every = steps
     tc.train.log_every = max(1, steps // 10)
     tc.train.ckpt_every = max(1, steps // 2)
-    # One device: these small convnets train ~10% faster (smoke: ~2x) without the 8 simulated
-    # devices' all-reduces on 2 cores; the model pretraining is what runs on the simulated mesh.
+    # One device: these small convnets train ~10% faster (smoke: ~2x) without simulated devices'
+    # all-reduces on 2 cores; the model pretraining runs on `config.num_devices`.
     tc.train.devices = 1
     return tc
 
