@@ -65,7 +65,8 @@ class MaskingTransform:
     Args:
       modalities: Modality entries (or registry names) in the model's modality order.
       input_budget / target_budget: encoder / decoder slots per sample (N_enc / N_dec).
-      mixture: preset names ("all2all,rgb2all"), a list of `MixtureComponent`, or 4M's
+      mixture: preset names ("all2all,rgb2all"; any "<modality or source>2all", e.g.
+        "caption2all": the whole input from it), a list of `MixtureComponent`, or 4M's
         per-modality alpha mapping `{mod: {input_alphas, target_alphas, keep}}`.
       alpha, keep: Dirichlet alpha and sequence keep scheme of the presets.
       weights: mixture component weights (None = uniform); ignored for `MixtureComponent`s.
@@ -396,7 +397,7 @@ def default_config() -> ml_collections.ConfigDict:
     # 4M uses 128/128 on 14x14 grids (4M-7); our scene modalities are 8x8 grids at 64 px.
     c.input_budget = 64
     c.target_budget = 64
-    c.mixture = "all2all,rgb2all"  # presets, one mixture component each
+    c.mixture = "all2all,rgb2all"  # presets (all2all, <X>2all), one mixture component each
     c.alpha = 0.5  # Dirichlet alpha of the presets (4M: 0.5)
     c.weights = ()  # one per component; empty = uniform
     c.keep = "random"  # sequence keep scheme of the presets: random | all | binary
