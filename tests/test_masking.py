@@ -199,15 +199,17 @@ def test_allocate_exact_and_capped(budget, p, cap, seed):
     assert counts.sum() == min(budget, cap[p > 0].sum())
 
 
+def _rgb_depth_caption_sample(rng: np.random.Generator, cap: np.ndarray) -> dict:
+    return {"rgb@64": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+            "tok_rgb@64": rng.integers(0, 1024, (8, 8)), "tok_depth@64": rng.integers(0, 1024, 64),
+            "caption": cap}
+
+
 def test_budgets_exact_on_scene_config():
     t = MaskingTransform(modalities.resolve(["rgb@64", "tok_rgb@64", "tok_depth@64", "caption"]), 64, 64)
     rng = np.random.default_rng(0)
     for j in range(50):
-        cap = rng.integers(300, 4096, rng.integers(0, 30))
-        s = {"rgb@64": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
-             "tok_rgb@64": rng.integers(0, 1024, (8, 8)), "tok_depth@64": rng.integers(0, 1024, 64),
-             "caption": cap}
-        out = t(s, rng)
+        out = t(_rgb_depth_caption_sample(rng, rng.integers(300, 4096, rng.integers(0, 30))), rng)
         assert out["enc_valid"].all() and out["dec_valid"].all(), j  # images always have room here
 
 
@@ -259,10 +261,7 @@ def test_x2all_presets_take_every_input_from_one_modality():
     rng = np.random.default_rng(0)
     for _ in range(20):
         cap = rng.integers(300, 4096, rng.integers(1, 30))
-        s = {"rgb@64": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
-             "tok_rgb@64": rng.integers(0, 1024, (8, 8)), "tok_depth@64": rng.integers(0, 1024, 64),
-             "caption": cap}
-        out = t(s, rng)
+        out = t(_rgb_depth_caption_sample(rng, cap), rng)
         enc = out["enc_mod"][out["enc_valid"]]
         assert (enc == 3).all()
         # every caption id reaches the encoder (plus the layout's own start/end markers)
@@ -419,7 +418,7 @@ def test_bad_configs():
         MaskingTransform(mods, 32, 32, input_only=["caption"], target_only=["caption"])
     with pytest.raises(ValueError, match=r"'caption' \(max_length 64\) can need sentinel \[S_33\]"):
         MaskingTransform([dataclasses.replace(m, text=TextLayout(num_sentinels=20)) for m in mods], 32, 32)
-    with pytest.raises(ValueError, match="unknown mixture preset 'some2all'"):
+    with pytest.raises(ValueError, match="mixture preset 'some2all' needs an input modality named or sourced 'some'"):
         MaskingTransform(mods, 32, 32, "all2all,some2all")
     meta = modalities.resolve(["tok_rgb@64", "metadata"])
     t = MaskingTransform(meta, 32, 32, "all2all")

@@ -97,16 +97,21 @@ def steady(workdir: Path, scratch: Path) -> dict[str, dict[str, float]]:
     import numpy as np
     from PIL import Image
 
+    from fourm.generate.chain import Generator
     from fourm.generate.defaults import grid_target, text_target
-    from fourm.quickstart import load_generator
-    import ml_collections
+    from fourm.model.pretrained import load_pretrained
+    from fourm.tokenizers import load as load_image_tokenizer
+    from fourm.tokenizers.text import TextTokenizer
 
-    cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    cfg.workdir = str(workdir)
+    cfg = json.loads((workdir / "config.json").read_text())
     rgb = np.asarray(Image.open(scratch / "image.png").convert("RGB"))[None]
     out = {}
-    t0 = time.perf_counter()
-    gen = load_generator(cfg)
+    t0 = time.perf_counter()  # what fourm-generate loads: the model and the tokenizers it needs
+    tok_root = workdir / "tokenizers"
+    toks = {t.name: t for t in (load_image_tokenizer(d) for d in sorted(tok_root.iterdir())
+                                if d.is_dir() and d.name != "text")}
+    toks["caption"] = TextTokenizer.load(tok_root / "text")
+    gen = Generator(load_pretrained(workdir / "pretrain" / "export"), toks)
     load_s = time.perf_counter() - t0
     names = _modalities(workdir)
     depth = next(n for n in names if n.startswith("tok_depth@"))
@@ -128,7 +133,7 @@ def steady(workdir: Path, scratch: Path) -> dict[str, dict[str, float]]:
     # The trainer's steady step: the quickstart's own pretraining (wall / steps; its evals and
     # checkpoints included, so an upper bound).
     done = json.loads((workdir / "pretrain" / "DONE.json").read_text())
-    out["train"] = {"load_s": 0.0, "steady_s": done["wall_s"] / max(1, int(cfg.pretrain_steps))}
+    out["train"] = {"load_s": 0.0, "steady_s": done["wall_s"] / max(1, int(cfg["pretrain_steps"]))}
     return out
 
 
