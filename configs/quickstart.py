@@ -29,7 +29,6 @@ def get_config(arg=None):
   c.train_scenes = 256 if smoke else 8192
   c.heldout_scenes = 16 if smoke else 64
   c.heldout_start = 1_000_000
-  # Tokenizers: training steps per image modality, and the recipes' options.
   # Tokenizers: training steps per recipe (the recipes' own default is 1500). Depth, normals and
   # segmentation reach their ceilings' plateau early (AbsRel 0.04, 6.4 deg, mIoU 0.91 at 250);
   # RGB needs 1000 (PSNR 26.3 dB vs 23.1 at 250): at 250 its round trips lose the object

@@ -85,6 +85,7 @@ def _check(capsys, rc, want_rc, pattern, prog):
 GEN = ["--checkpoint", "{f}/ckpt", "--targets"]  # the small random model of the generation tests
 # (command, arguments, exit status, regex the one error line must match)
 CASES = [
+    ("fourm-quickstart", ["--config.num_devices=0"], 2, r"--config.num_devices: got 0, expected a positive integer"),
     # ---- data: fourm-scenes
     ("fourm-scenes", ["--num", "-3"], 2, r"--num \(config.num\): got -3, expected a positive integer"),
     ("fourm-scenes", ["--num", "0"], 2, r"--num \(config.num\): got 0"),

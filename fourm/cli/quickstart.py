@@ -64,7 +64,10 @@ def run(args, F) -> int:
     if len(args) > 1:
         raise app.UsageError(f"unexpected arguments: {args[1:]}")
     from fourm import quickstart
+    from fourm.cli import positive
     from fourm.hostmem import keep_freed_memory
+
+    positive("--config.num_devices", int(F.config.num_devices))  # before anything is written
 
     keep_freed_memory()  # before JAX's first computation: steps stop re-faulting freed memory
     quickstart.run(F.config)
