@@ -70,7 +70,7 @@ def commands(workdir: Path, scratch: Path) -> dict[str, list[str]]:
              f"--config.data.dir={workdir / 'pretokenize' / 'train'}", "--config.data.eval_dir=",
              "--config.num_train_steps=1", "--config.ckpt_every=1000", "--config.eval_every=0",
              f"--config.model.modalities={tuple(_modalities(workdir))}",
-             f"--config.batch_size={cfg['pretrain_batch']}", f"--workdir={scratch / 'train'}"]
+             f"--config.batch_size={cfg['pretrain_batch']}"]  # + --workdir, fresh per run
     tok = [py, "-c", _TOKENIZER_SNIPPET, str(workdir / "tokenizers" / "rgb"), str(image)]
     return {"generate": gen, "train": train, "tokenizer": tok}
 
@@ -151,9 +151,9 @@ def run(workdir: Path, rounds: int = 2, log=print) -> list[Result]:
             for name, cmd in cmds.items():
                 cache = scratch / f"cache_{name}_{r}"
                 for kind in ("cold", "warm"):
-                    if name == "train":  # a fresh workdir each time: the step always runs
-                        cmd = cmd[:-1] + [f"--workdir={scratch / f'train_{r}_{kind}'}"]
-                    wall, out = _run(cmd, cache, scratch)
+                    # training gets a fresh workdir each time, so its step always runs
+                    argv = cmd + [f"--workdir={scratch / f'train_{r}_{kind}'}"] if name == "train" else cmd
+                    wall, out = _run(argv, cache, scratch)
                     walls[name][kind].append(wall)
                     m = _TIME_LINE.search(out) if name == "generate" else None
                     if m:
