@@ -32,6 +32,26 @@ encoder slot.
 
 from __future__ import annotations
 
+import numpy as np
+
 ENC_KEYS = ("enc_ids", "enc_mod", "enc_pos", "enc_valid")
 DEC_KEYS = ("dec_ids", "dec_targets", "dec_mod", "dec_pos", "dec_valid", "dec_loss")
 PIXELS_PREFIX = "pixels/"
+
+# 4M's RGBTransform(imagenet_default_mean_and_std=True): x in [0, 1], then (x - mean) / std.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+_UINT8_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
+_FLOAT_SCALE = (1.0 / IMAGENET_STD).astype(np.float32)
+_OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+
+
+def normalise_pixels(x: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] or float [0, 1] HWC -> float32 ImageNet-normalised (as 4M's rgb input)."""
+    # One scale and offset per channel, tiled along a whole row and applied in place: numpy's
+    # inner loop then runs over W*C values instead of C=3 (4x faster; this runs per sample on CPU).
+    h, w, c = x.shape
+    y = x.astype(np.float32).reshape(h, w * c)
+    y *= np.tile(_UINT8_SCALE if x.dtype == np.uint8 else _FLOAT_SCALE, w)
+    y += np.tile(_OFFSET, w)
+    return y.reshape(h, w, c)

@@ -170,3 +170,33 @@ def test_folder_condition_batches_images_like_single_runs(files, tmp_path, capsy
     empty.mkdir()
     with pytest.raises(CommandError, match="no images"):
         cli.folder_files("rgb=empty", empty)
+
+
+def test_only_needed_tokenizers_are_loaded(files, tmp_path, monkeypatch):
+    """fourm-generate loads the image tokenizers its conditions and targets use; the others are
+    named from their config.json (folder-name and duplicate checks still see them)."""
+    import shutil
+
+    from fourm.bench.tokenizer import random_image_tokenizer
+    from fourm.cli import generate as cli
+    from fourm.tokenizers import export as export_lib
+
+    root = tmp_path / "toks"
+    shutil.copytree(files / "toks", root)
+    for recipe in ("depth", "normals"):
+        export_lib.export(random_image_tokenizer(recipe, 64, tiny=True), root / recipe, platforms=("cpu",))
+    assert export_lib.peek_name(root / "depth") == "tok_depth@64"
+    assert export_lib.peek_name(root / "text") is None
+    loaded = []
+    real = cli.load_image_tokenizer
+    monkeypatch.setattr(cli, "load_image_tokenizer", lambda p: loaded.append(p.name) or real(p))
+    toks = cli.load_tokenizers(str(root), {"tok_depth@64", "caption"})
+    assert set(toks) == {"text", "tok_depth@64"} and loaded == ["depth"]
+    assert set(cli.load_tokenizers(str(root))) == {"text", "tok_depth@64", "tok_normal@64"}
+    shutil.copytree(root / "normals", root / "normals_copy")  # a duplicate is found unloaded too
+    with pytest.raises(cli.CommandError, match="both tokenizers of 'tok_normal@64'"):
+        cli.load_tokenizers(str(root), {"tok_depth@64"})
+    shutil.rmtree(root / "normals_copy")
+    shutil.copytree(root / "normals", root / "tok_depth@64")  # a folder named for another one
+    with pytest.raises(cli.CommandError, match="holds the tokenizer of 'tok_normal@64'"):
+        cli.load_tokenizers(str(root), {"caption"})

@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from fourm.compat import ml4m, ml4m_assets
+from fourm.generate.inputs import needing_tokenizer
 from fourm.compat.ml4m_tokenizers.config import parse_config, register_fixture_archs
 from fourm.compat.ml4m_tokenizers import unet
 from fourm.compat.ml4m_tokenizers.load import expected_state
@@ -329,8 +330,8 @@ def test_native_grid_conditions_go_through_their_tokenizer(assets):
     np.testing.assert_array_equal(states["tok_depth@224"].ids, toks["tok_depth@224"].encode(resized).reshape(1, -1))
     np.testing.assert_array_equal(states["tok_rgb@224"].ids, toks["tok_rgb@224"].encode(image[None]).reshape(1, -1))
     assert any("resized to 224x224" in n for n in notices)
-    assert ml4m_assets.needing_tokenizer(model.spec, {"tok_depth@224": depth, "caption": "a dog",
-                                                      "tok_rgb@224": np.zeros((14, 14), np.int32)}) == \
+    assert needing_tokenizer(model.spec, {"tok_depth@224": depth, "caption": "a dog",
+                                          "tok_rgb@224": np.zeros((14, 14), np.int32)}) == \
         ["tok_depth@224", "caption"]
 
 

@@ -197,3 +197,16 @@ def test_export_never_half_writes(exported, tmp_path, monkeypatch):
         export(tok, exported, platforms=("cpu",), overwrite=True)
     assert sorted(p.name for p in exported.iterdir()) == before
     assert load(exported).version == tok.version
+
+
+def test_abstract_model_is_built_once_per_config():
+    """Loading a tokenizer needs its structure several times; it is traced once per config."""
+    from fourm.config import REPO_ROOT, load_config
+    from fourm.tokenizers.image import abstract_vqvae
+
+    a = load_config(f"{REPO_ROOT / 'tokenizers' / 'depth.py'}:64,tiny")
+    b = load_config(f"{REPO_ROOT / 'tokenizers' / 'depth.py'}:64,tiny")
+    c = load_config(f"{REPO_ROOT / 'tokenizers' / 'normals.py'}:64,tiny")
+    assert abstract_vqvae(a)[1] is abstract_vqvae(b)[1]
+    assert abstract_vqvae(c)[1] is not abstract_vqvae(a)[1]
+    assert abstract_vqvae(c)[0].kind != abstract_vqvae(a)[0].kind

@@ -66,6 +66,7 @@ def run(argv, F) -> int:
     from fourm.compat import ml4m_assets
     from fourm.data.folder import atomic_write_bytes
     from fourm.generate.chain import Generator
+    from fourm.generate.inputs import needing_tokenizer
 
     if not F.checkpoint:
         raise CommandError("--checkpoint is required")
@@ -98,7 +99,7 @@ def run(argv, F) -> int:
         name = gen_cli.resolve_name(spec, key.strip(), "condition")
         other[name] = gen_cli.read_condition(spec.modality(name), value, res, ml4m)
     images = _images(F.image, res, ml4m, pix)
-    needed = ml4m_assets.needing_tokenizer(spec, other)
+    needed = needing_tokenizer(spec, other)
     if glob:
         needed.append(features.global_modality(spec, glob))
     toks = {}
@@ -106,7 +107,7 @@ def run(argv, F) -> int:
         raise CommandError(f"--tokenizers is required for {needed}")
     if needed:
         toks = (ml4m_assets.load_tokenizers(F.tokenizers, spec, needed, seed=F.seed) if ml4m
-                else gen_cli.load_tokenizers(F.tokenizers))
+                else gen_cli.load_tokenizers(F.tokenizers, set(needed)))
     inputs = {pix.name: images, **{n: _batched(v, len(images)) for n, v in other.items()}}
     f = features.encoder_features(model, inputs, toks)
     arrays = {"tokens": np.asarray(f.tokens), "valid": np.asarray(f.valid), "pooled": np.asarray(f.pooled),

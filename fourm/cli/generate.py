@@ -99,12 +99,15 @@ def load_model(path: str):
     return ml4m.load(p)
 
 
-def load_tokenizers(path: str | None) -> dict[str, Any]:
+def load_tokenizers(path: str | None, needed: set[str] | None = None) -> dict[str, Any]:
     """{modality name: ImageTokenizer, "text": TextTokenizer} from a folder of tokenizer folders
-    (the text tokenizer: fourm's, or 4M's WordPiece text_tokenizer*.json, at the top or in a folder)."""
+    (the text tokenizer: fourm's, or 4M's WordPiece text_tokenizer*.json, at the top or in a folder).
+    With `needed`, image tokenizers of other modalities are not loaded (their names are read from
+    their config.json; the checks below still see every folder)."""
     if not path:
         return {}
     from fourm.compat import ml4m_text
+    from fourm.tokenizers.export import peek_name
     from fourm.tokenizers.text import MODEL_FILE, TextTokenizer
 
     root = Path(path)
@@ -120,19 +123,26 @@ def load_tokenizers(path: str | None) -> dict[str, Any]:
             out["text"] = TextTokenizer.load(d) if wordpiece is None else ml4m_text.load(wordpiece)
             where["text"] = d
         elif d != root and ((d / "checkpoints").is_dir() or any(d.glob("*.json"))):
-            try:
-                tok = load_image_tokenizer(d)
-            except (FileNotFoundError, ValueError, KeyError) as e:
-                print(f"[fourm-generate] skipping {d}: {e}")
-                continue
-            if "@" in d.name and d.name != tok.name:  # a folder named for another modality
-                raise CommandError(f"--tokenizers: {d} holds the tokenizer of {tok.name!r}, not of "
+            name = peek_name(d)
+            if name is None or needed is None or name in needed:
+                try:
+                    tok = load_image_tokenizer(d)
+                except (FileNotFoundError, ValueError, KeyError) as e:
+                    print(f"[fourm-generate] skipping {d}: {e}")
+                    continue
+                name = tok.name
+            else:
+                tok = None  # not needed by this run: named, not loaded
+            if "@" in d.name and d.name != name:  # a folder named for another modality
+                raise CommandError(f"--tokenizers: {d} holds the tokenizer of {name!r}, not of "
                                    f"{d.name!r}")
-            if tok.name in out:
-                raise CommandError(f"--tokenizers: {where[tok.name]} and {d} are both tokenizers of "
-                                   f"{tok.name!r}; keep one")
-            out[tok.name], where[tok.name] = tok, d
-    if not out:
+            if name in where:
+                raise CommandError(f"--tokenizers: {where[name]} and {d} are both tokenizers of "
+                                   f"{name!r}; keep one")
+            where[name] = d
+            if tok is not None:
+                out[name] = tok
+    if not where:
         raise app.UsageError(f"--tokenizers {root}: found no tokenizer folders inside")
     return out
 
@@ -430,25 +440,32 @@ def run(argv, F) -> int:
     folder_name = resolve_name(spec, folder_items[0][0], "condition") if folder_items else None
     preset = F.preset
     given = list(names) + ([folder_name] if folder_name else [])
-    if preset == "auto":
+    if preset == "auto" and not ml4m:
+        preset = "config"
+    elif preset == "auto":
         from fourm.compat import ml4m_assets
 
-        preset = ml4m_assets.auto_preset(given) if ml4m else "config"
+        preset = ml4m_assets.auto_preset(given)
     rgb_given = any(spec.modality(n).source == "rgb" for n in given)
     targets = [parse_target(spec, t, cfg, preset, rgb_given) for t in F.targets]
     seed = cfg.seed if F.seed is None else F.seed
     conditions = {n: read_condition(spec.modality(n), v, res, ml4m) for n, v in names.items()}
+    from fourm.generate.inputs import needing_tokenizer
+
     if ml4m:  # only the tokenizers this run needs (the released ones are large)
         from fourm.compat import ml4m_assets
 
-        needed = [t.name for t in targets] + ml4m_assets.needing_tokenizer(spec, conditions)
+        needed = [t.name for t in targets] + needing_tokenizer(spec, conditions)
         if folder_name and spec.modality(folder_name).kind != "pixels" and \
                 any(f.suffix.lower() in IMAGE_EXTS for f in folder_items[0][2]):
             needed.append(folder_name)  # images of a token modality: tokenized
         toks = ml4m_assets.load_tokenizers(F.tokenizers, spec, needed, seed=seed,
                                            diffusion_steps=F.diffusion_steps)
-    else:
-        toks = load_tokenizers(F.tokenizers)
+    else:  # every condition or target that needs a tokenizer, and only those
+        needed = {t.name for t in targets} | set(needing_tokenizer(spec, conditions))
+        if folder_name:
+            needed.add(folder_name)
+        toks = load_tokenizers(F.tokenizers, needed)
     gen = Generator(model, toks, resize=cfg.resize, loop=cfg.loop, kv_cache=cfg.kv_cache,
                     buckets=int(cfg.get("buckets", 2)))
     load_s = time.perf_counter() - t0

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fourm.batch import IMAGENET_MEAN, IMAGENET_STD
 from fourm.compat import ml4m_text
 from fourm.compat.ml4m_tokenizers.artifact import io_shapes
 from fourm.compat.ml4m_tokenizers.config import TokenizerConfigError
@@ -45,7 +46,6 @@ from fourm.compat.ml4m_tokenizers.load import CONFIG_FILE, WEIGHTS_FILE, Tokeniz
 from fourm.compat.ml4m_tokenizers.load import load as load_folder
 from fourm.data import visualize as vis
 from fourm.io import read_json_object
-from fourm.masking.transform import IMAGENET_MEAN, IMAGENET_STD
 
 MAP_FILE = "tokenizers.json"
 TEXT_GLOB = "text_tokenizer*.json"
@@ -285,25 +285,6 @@ def boxes_to_draw(text: str, h: int, w: int) -> list[dict]:
     `fourm.data.visualize.draw_boxes` boxes in pixels of an h x w image."""
     return [{"box": [x0 * w, y0 * h, x1 * w, y1 * h], "class": c}
             for x0, y0, x1, y1, c in ml4m_text.text_to_boxes(text)]
-
-
-def needing_tokenizer(spec, conditions: Mapping[str, Any]) -> list[str]:
-    """The conditions that go through a tokenizer: text, and grids given natively (not as ids)."""
-    out = []
-    for name, value in conditions.items():
-        m = spec.modality(name)
-        a = value if hasattr(value, "dtype") else None
-        if m.kind == "sequence":
-            native = a is None or not np.issubdtype(a.dtype, np.integer)
-        elif m.kind == "grid":
-            a = np.asarray(value)
-            native = not (np.issubdtype(a.dtype, np.integer)
-                          and (a.shape[-2:] == tuple(m.grid) or a.shape[-1] == m.num_tokens))
-        else:
-            native = False
-        if native:
-            out.append(name)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

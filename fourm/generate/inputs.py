@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fourm.batch import PIXELS_PREFIX
-from fourm.masking.transform import normalise_pixels
+from fourm.batch import PIXELS_PREFIX, normalise_pixels
 from fourm.modalities import Modality
 
 log = logging.getLogger(__name__)
@@ -253,3 +252,22 @@ def condition_slots(spec, states: dict[str, ModState], names: Sequence[str],
                 pix[PIXELS_PREFIX + m.name] = np.zeros((b,) + hw + (m.channels,), np.float32)
         groups.append({**{k: np.concatenate(v, axis=1) for k, v in cols.items()}, **pix})
     return {k: np.concatenate([g[k] for g in groups], axis=0) for k in groups[0]}
+
+
+def needing_tokenizer(spec, conditions: Mapping[str, Any]) -> list[str]:
+    """The conditions that go through a tokenizer: text, and grids given natively (not as ids)."""
+    out = []
+    for name, value in conditions.items():
+        m = spec.modality(name)
+        a = value if hasattr(value, "dtype") else None
+        if m.kind == "sequence":
+            native = a is None or not np.issubdtype(a.dtype, np.integer)
+        elif m.kind == "grid":
+            a = np.asarray(value)
+            native = not (np.issubdtype(a.dtype, np.integer)
+                          and (a.shape[-2:] == tuple(m.grid) or a.shape[-1] == m.num_tokens))
+        else:
+            native = False
+        if native:
+            out.append(name)
+    return out

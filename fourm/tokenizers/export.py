@@ -209,6 +209,25 @@ def load(path):
                             "(config.json + model.safetensors)")
 
 
+def peek_name(path) -> str | None:
+    """The name (`tok_depth@64`) of the fourm tokenizer `load(path)` would return, read from its
+    config.json alone (no weights, no model); None for anything else (a 4M folder, no config)."""
+    path = Path(path)
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict) or cfg.get("family", "fourm") != "fourm":
+        return None
+    if (path / "weights.npz").exists() and cfg.get("format") == FORMAT:  # an export
+        name = cfg.get("name")
+    elif (path / "checkpoints").is_dir():  # a training run: `<name>@<resolution>`, as ImageTokenizer
+        name = f"{cfg['name']}@{cfg['resolution']}" if "name" in cfg and "resolution" in cfg else None
+    else:
+        return None
+    return name if isinstance(name, str) else None
+
+
 def _readme(spec: dict) -> str:
     enc, dec = spec["encode"], spec["decode"]
     return f"""# {spec['name']} tokenizer ({spec['version']})

@@ -79,11 +79,26 @@ def build_model(cfg, seed: int = 0) -> tuple[Codec, VQVAE]:
     return codec, VQVAE(cfg, codec.in_channels, codec.out_channels, rngs=nnx.Rngs(seed))
 
 
+# Abstract models by config: tracing a VQ-VAE's construction costs ~0.1-0.3 s, and loading one
+# tokenizer needs its structure three times (checkpoint target, weights, pure functions).
+_ABSTRACT: dict[str, tuple[Codec, VQVAE]] = {}
+
+
+def abstract_vqvae(cfg) -> tuple[Codec, VQVAE]:
+    """(codec, the VQ-VAE of `cfg` as shapes only), built once per config and process. The module
+    is shared: split or merge it, never mutate it."""
+    cfg = cfg if isinstance(cfg, ml_collections.ConfigDict) else ml_collections.ConfigDict(cfg)
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=repr)
+    if key not in _ABSTRACT:
+        codec = make_codec(cfg)
+        _ABSTRACT[key] = codec, nnx.eval_shape(
+            lambda: VQVAE(cfg, codec.in_channels, codec.out_channels, rngs=nnx.Rngs(0)))
+    return _ABSTRACT[key]
+
+
 def abstract_model(cfg):
     """(codec, graphdef, abstract weights, abstract EMA state) without allocating anything."""
-    codec = make_codec(cfg)
-    model = nnx.eval_shape(lambda: VQVAE(cfg, codec.in_channels, codec.out_channels,
-                                         rngs=nnx.Rngs(0)))
+    codec, model = abstract_vqvae(cfg)
     graphdef, weights, rest = nnx.split(model, WEIGHTS, ...)
     return codec, graphdef, weights, rest
 

@@ -17,7 +17,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from fourm.tokenizers.image import WEIGHTS, ImageTokenizer, build_model, check_same_tokenizer
+from fourm.tokenizers.image import WEIGHTS, ImageTokenizer, abstract_vqvae, check_same_tokenizer
 from fourm.tokenizers.recipes import tokenizer_section
 
 
@@ -47,7 +47,7 @@ def restore_weights(workdir, step: int | None = None, config=None):
     if step is None or step not in mngr.all_steps():
         raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} in "
                                 f"{workdir / 'checkpoints'} (have {list(mngr.all_steps())})")
-    abstract = nnx.eval_shape(lambda: build_model(cfg)[1])
+    abstract = abstract_vqvae(cfg)[1]
     graphdef, params_abs, rest_abs = nnx.split(abstract, nnx.Param, ...)
     # Explicit target sharding: the checkpoint may come from another device topology (e.g. an
     # 8-device data-parallel run) and is read here onto one local device.
