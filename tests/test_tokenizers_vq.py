@@ -171,6 +171,17 @@ def test_depth_codec_round_trip_and_invalid_pixels():
     assert int((~valid).sum()) == 3 and np.all(np.isfinite(xin))
     back = np.asarray(codec.from_output(xin))
     np.testing.assert_allclose(back[np.asarray(valid)], d[np.asarray(valid)], rtol=1e-5)
+    # invalid pixels take their own image's median valid value (jitted too: the fill is computed
+    # only when some pixel is invalid, and an all-valid batch is the plain transform)
+    n = 2 * (np.log(d) - np.log(0.5)) / (np.log(20.0) - np.log(0.5)) - 1
+    for fn in (codec.to_input, jax.jit(codec.to_input)):
+        xin = np.asarray(fn(jnp.asarray(d))[0])[..., 0]
+        for b, (i, j) in ((0, (0, 0)), (0, (1, 1)), (1, (2, 2))):
+            np.testing.assert_allclose(xin[b, i, j], np.median(n[b][np.asarray(valid)[b]]), rtol=1e-5)
+        ok = np.abs(d[1:]).clip(1, 9)
+        np.testing.assert_allclose(np.asarray(fn(jnp.asarray(ok))[0])[..., 0],
+                                   2 * (np.log(ok) - np.log(0.5)) / (np.log(20.0) - np.log(0.5)) - 1,
+                                   rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,8 +145,13 @@ class DepthCodec(Codec):
         valid = jnp.isfinite(x) & (x > 0)
         logd = jnp.log(jnp.clip(jnp.where(valid, x, self.min_depth), self.min_depth, self.max_depth))
         n = 2.0 * (logd - self._lo) / (self._hi - self._lo) - 1.0
-        med = jnp.nanmedian(jnp.where(valid, n, jnp.nan).reshape(n.shape[0], -1), axis=1)
-        med = jnp.where(jnp.isfinite(med), med, 0.0)
+
+        def medians(n):  # a sort per image: most of an encode's cost on CPU, so only when needed
+            med = jnp.nanmedian(jnp.where(valid, n, jnp.nan).reshape(n.shape[0], -1), axis=1)
+            return jnp.where(jnp.isfinite(med), med, 0.0)
+
+        # Without invalid pixels in the batch the fill value is never used.
+        med = jax.lax.cond(jnp.all(valid), lambda n: jnp.zeros(n.shape[:1], n.dtype), medians, n)
         n = jnp.where(valid, n, med[:, None, None])
         return n[..., None], valid
 
