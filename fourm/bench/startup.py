@@ -103,19 +103,20 @@ def steady(workdir: Path, scratch: Path) -> dict[str, dict[str, float]]:
     from fourm.tokenizers import load as load_image_tokenizer
     from fourm.tokenizers.text import TextTokenizer
 
+    from fourm.tokenizers.export import peek_name
+
     cfg = json.loads((workdir / "config.json").read_text())
     rgb = np.asarray(Image.open(scratch / "image.png").convert("RGB"))[None]
     out = {}
-    t0 = time.perf_counter()  # what fourm-generate loads: the model and the tokenizers it needs
-    tok_root = workdir / "tokenizers"
-    toks = {t.name: t for t in (load_image_tokenizer(d) for d in sorted(tok_root.iterdir())
-                                if d.is_dir() and d.name != "text")}
-    toks["caption"] = TextTokenizer.load(tok_root / "text")
-    gen = Generator(load_pretrained(workdir / "pretrain" / "export"), toks)
-    load_s = time.perf_counter() - t0
     names = _modalities(workdir)
     depth = next(n for n in names if n.startswith("tok_depth@"))
     res_name = next(n for n in names if n.startswith("rgb@"))
+    tok_root = workdir / "tokenizers"
+    folders = {peek_name(d): d for d in sorted(tok_root.iterdir()) if d.is_dir()}
+    t0 = time.perf_counter()  # what fourm-generate loads: the model and the tokenizers it needs
+    toks = {depth: load_image_tokenizer(folders[depth]), "caption": TextTokenizer.load(tok_root / "text")}
+    gen = Generator(load_pretrained(workdir / "pretrain" / "export"), toks)
+    load_s = time.perf_counter() - t0
     targets = [grid_target(depth), text_target("caption")]
     times = []
     for _ in range(3):
@@ -123,7 +124,7 @@ def steady(workdir: Path, scratch: Path) -> dict[str, dict[str, float]]:
         gen.generate({res_name: rgb}, targets, seed=0)
         times.append(time.perf_counter() - t0)
     out["generate"] = {"load_s": load_s, "steady_s": min(times[1:])}
-    tok = gen.image_tokenizers[next(n for n in names if n.startswith("tok_rgb@"))]
+    tok = load_image_tokenizer(folders[next(n for n in names if n.startswith("tok_rgb@"))])
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
