@@ -452,20 +452,18 @@ def run(argv, F) -> int:
     conditions = {n: read_condition(spec.modality(n), v, res, ml4m) for n, v in names.items()}
     from fourm.generate.inputs import needing_tokenizer
 
-    if ml4m:  # only the tokenizers this run needs (the released ones are large)
+    # Only the tokenizers this run needs (loading one costs ~0.3 s; 4M's released ones more).
+    needed = [t.name for t in targets] + needing_tokenizer(spec, conditions)
+    if folder_name and spec.modality(folder_name).kind != "pixels" and \
+            any(f.suffix.lower() in IMAGE_EXTS for f in folder_items[0][2]):
+        needed.append(folder_name)  # images of a token modality: tokenized
+    if ml4m:
         from fourm.compat import ml4m_assets
 
-        needed = [t.name for t in targets] + needing_tokenizer(spec, conditions)
-        if folder_name and spec.modality(folder_name).kind != "pixels" and \
-                any(f.suffix.lower() in IMAGE_EXTS for f in folder_items[0][2]):
-            needed.append(folder_name)  # images of a token modality: tokenized
         toks = ml4m_assets.load_tokenizers(F.tokenizers, spec, needed, seed=seed,
                                            diffusion_steps=F.diffusion_steps)
-    else:  # every condition or target that needs a tokenizer, and only those
-        needed = {t.name for t in targets} | set(needing_tokenizer(spec, conditions))
-        if folder_name:
-            needed.add(folder_name)
-        toks = load_tokenizers(F.tokenizers, needed)
+    else:
+        toks = load_tokenizers(F.tokenizers, set(needed))
     gen = Generator(model, toks, resize=cfg.resize, loop=cfg.loop, kv_cache=cfg.kv_cache,
                     buckets=int(cfg.get("buckets", 2)))
     load_s = time.perf_counter() - t0
