@@ -75,7 +75,8 @@ def get_config(arg=None):
       # buckets) | scan | unrolled; names of non-default forms end in .scan / .unrolled /
       # .bucketsN (compare them in one run).
       loops=["auto"],
-      buckets=2,  # shape classes per side for the bucketed loop
+      buckets=0,  # shape classes per side for the bucketed loop (0: fourm's default,
+      # fourm.generate.stepwise.DEFAULT_BUCKETS; this config stays free of JAX imports)
   ))
 
   # Tokenizers: the repository's recipes with random weights, and the text tokenizer.

@@ -8,7 +8,7 @@ set what to generate; this config holds the defaults every target starts from. P
 import ml_collections
 
 from fourm.config import common_config
-from fourm.generate import defaults
+from fourm.generate import defaults, stepwise
 
 
 def get_config(arg=None):
@@ -21,7 +21,7 @@ def get_config(arg=None):
   # shapes: quick to compile and to run; fourm.generate.stepwise) | scan (one compiled step body
   # at the largest shape) | unrolled (exact shapes per step in one program: slow to compile).
   c.loop = "auto"
-  c.buckets = 2  # shape classes per side (more: less padding, more programs; README has figures)
+  c.buckets = stepwise.DEFAULT_BUCKETS  # shape classes per side (more: less padding, more programs)
   c.kv_cache = True
   # Sampler defaults per target kind: fourm's one default (greedy; fourm.generate.defaults),
   # shared with the quickstart and the notebooks.

@@ -236,6 +236,7 @@ def bench_generate(c) -> list[Result]:
 def _generate(c, ref) -> list[Result]:
     from fourm import modalities as modreg
     from fourm.data.scenes import generate_scene
+    from fourm.generate import stepwise
     from fourm.generate.chain import Generator, Target
     from fourm.model import build_model
 
@@ -257,7 +258,7 @@ def _generate(c, ref) -> list[Result]:
         for form in g.loops:
             # "buckets:N" = the bucketed loop with N buckets (a sweep next to the default's).
             loop, _, nb = str(form).partition(":")
-            nb = int(nb or g.buckets)
+            nb = int(nb or g.buckets or stepwise.DEFAULT_BUCKETS)
             gen = Generator(model, loop=loop, buckets=nb)
             for b in batches:
                 img = np.repeat(scene, b, axis=0)
@@ -287,7 +288,7 @@ def _generate(c, ref) -> list[Result]:
                                                                          schedule="cosine"))
                 out.append(_finish(r))
         # The caption alone: its condition (RGB + depth tokens) is fixed, so only text is timed.
-        gen = Generator(model, loop=g.loops[0], buckets=int(g.buckets))
+        gen = Generator(model, loop=g.loops[0], buckets=int(g.buckets or stepwise.DEFAULT_BUCKETS))
         toks = gen.generate({rgb.name: scene}, [t_depth], seed=0, decode=False).tokens[depth.name]
         last = {}
 

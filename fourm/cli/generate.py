@@ -465,7 +465,7 @@ def run(argv, F) -> int:
     else:
         toks = load_tokenizers(F.tokenizers, set(needed))
     gen = Generator(model, toks, resize=cfg.resize, loop=cfg.loop, kv_cache=cfg.kv_cache,
-                    buckets=int(cfg.get("buckets", 2)))
+                    buckets=int(cfg.buckets))
     load_s = time.perf_counter() - t0
     if folder_items:
         print(f"time: load {load_s:.1f} s")

@@ -170,7 +170,8 @@ class Generator:
 
     def __init__(self, model, tokenizers: Mapping[str, Any] | None = None, *, resize: bool = True,
                  loop: str = "auto", kv_cache: bool = True,
-                 compiler_options: Mapping[str, Any] | None = None, buckets: int = 2):
+                 compiler_options: Mapping[str, Any] | None = None,
+                 buckets: int = stepwise.DEFAULT_BUCKETS):
         if loop not in LOOPS:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {loop!r}")
         if int(buckets) < 1:

@@ -31,6 +31,12 @@ from fourm.generate.sampling import Filter
 # step_fn(carry, xs, forced, num_steps, sizes=) -> (carry, trace), jitted with `sizes` static.
 StepFn = Callable
 
+# Shape classes per side. MaskGIT-8 RGB -> depth on 4M-T (196 tokens, 2 idle cores, Dec 7;
+# /work-style script in docs/benchmarks.md): 2 buckets 0.356 s (first call 3.6 s), 4 buckets 0.311 s
+# (4.5 s), 7 buckets 0.294 s (7.8 s), exact per-step shapes 0.287 s, one unrolled program 0.280 s
+# (8.8 s). 4 keeps most of the exact shapes' speed at a quarter of a step's padding.
+DEFAULT_BUCKETS = 4
+
 
 def bucket(size: int, total: int, buckets: int) -> int:
     """Smallest multiple of ceil(total / buckets) that holds `size` (and at least one slot)."""
@@ -53,7 +59,7 @@ def step_sizes(known: np.ndarray, counts: np.ndarray, scheme: str, buckets: int
 
 def bucketed_decode(step_fn: StepFn, tokens, known, rng: jax.Array, counts: np.ndarray,
                     temperatures, guidance=None, *, scheme: str = "maskgit", commit_step=None,
-                    return_trace: bool = False, buckets: int = 2) -> maskgit.GridResult:
+                    return_trace: bool = False, buckets: int = DEFAULT_BUCKETS) -> maskgit.GridResult:
     """`maskgit.iterative_decode` with the step loop on the host (same arguments and results;
     `counts` must be host-side, int[S] or int[B,S]). `step_fn` is a jitted
     `maskgit.grid_step` closed over the model and settings, with `sizes` static
