@@ -31,10 +31,11 @@ from fourm.generate.sampling import Filter
 # step_fn(carry, xs, forced, num_steps, sizes=) -> (carry, trace), jitted with `sizes` static.
 StepFn = Callable
 
-# Shape classes per side. MaskGIT-8 RGB -> depth on 4M-T (196 tokens, 2 idle cores, Dec 7;
-# /work-style script in docs/benchmarks.md): 2 buckets 0.356 s (first call 3.6 s), 4 buckets 0.311 s
-# (4.5 s), 7 buckets 0.294 s (7.8 s), exact per-step shapes 0.287 s, one unrolled program 0.280 s
-# (8.8 s). 4 keeps most of the exact shapes' speed at a quarter of a step's padding.
+# Shape classes per side. MaskGIT-8 RGB -> depth on 4M-T, batch 1 (196 tokens, 2 idle cores, Dec 7;
+# `fourm-bench --only generate --config.generate.loops=...` times such a sweep): 2 buckets 0.356 s
+# (first call 3.6 s), 4 buckets 0.311 s (4.5 s), 7 buckets 0.294 s (7.8 s), exact per-step shapes
+# 0.287 s, one unrolled program 0.280 s (8.8 s). 4 keeps most of the exact shapes' speed; a step
+# pads at most a quarter of the grid on each side.
 DEFAULT_BUCKETS = 4
 
 
