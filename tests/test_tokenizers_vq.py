@@ -335,3 +335,17 @@ def test_tokenizer_mesh_uses_every_device_or_the_first_n():
     cfg.train.devices, cfg.train.batch_size = 0, jax.device_count() + 1
     with pytest.raises(ValueError, match="batch_size"):
         make_mesh(cfg)
+
+
+@pytest.mark.parametrize("cin,cout,hw", [(8, 4, 4), (3, 5, 3)])
+def test_upsample_conv_is_resize_then_conv(cin, cout, hw):
+    """The decoder's upsampling at low resolution equals nearest 2x resize + the same 3x3 conv."""
+    from fourm.tokenizers.vqvae import upsample_conv
+
+    conv = nnx.Conv(cin, cout, (3, 3), rngs=nnx.Rngs(0))
+    conv.bias[...] = jax.random.normal(jax.random.key(1), (cout,))
+    x = jax.random.normal(jax.random.key(2), (2, hw, hw, cin))
+    ref = conv(jax.image.resize(x, (2, 2 * hw, 2 * hw, cin), "nearest"))
+    np.testing.assert_allclose(np.asarray(upsample_conv(conv, x)), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3x3 SAME stride-1"):
+        upsample_conv(nnx.Conv(cin, cout, (3, 3), strides=2, rngs=nnx.Rngs(0)), x)

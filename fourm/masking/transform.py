@@ -27,7 +27,6 @@ from fourm.batch import DEC_KEYS, ENC_KEYS, PIXELS_PREFIX, normalise_pixels
 from fourm.masking import budgets, spans
 
 
-
 @dataclasses.dataclass(frozen=True)
 class MaskInfo:
     """What one call drew: the mixture component, slots per modality, uncropped sequence targets."""

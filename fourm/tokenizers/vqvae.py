@@ -42,6 +42,9 @@ def upsample_conv(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     resize-then-conv form loads unchanged; results agree to float rounding).
     """
     k = conv.kernel[...]  # [3, 3, cin, cout]
+    if k.shape[:2] != (3, 3) or conv.padding != "SAME" or conv.strides not in (1, (1, 1), None):
+        raise ValueError(f"upsample_conv needs a 3x3 SAME stride-1 conv, got kernel {k.shape}, "
+                         f"padding {conv.padding!r}, strides {conv.strides!r}")
     cout = k.shape[-1]
 
     def collapse(w, axis):  # 3 taps -> (phase 0, phase 1) pairs of 2 taps along `axis`
