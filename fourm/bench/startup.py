@@ -101,9 +101,8 @@ def steady(workdir: Path, scratch: Path) -> dict[str, dict[str, float]]:
     from fourm.generate.defaults import grid_target, text_target
     from fourm.model.pretrained import load_pretrained
     from fourm.tokenizers import load as load_image_tokenizer
-    from fourm.tokenizers.text import TextTokenizer
-
     from fourm.tokenizers.export import peek_name
+    from fourm.tokenizers.text import TextTokenizer
 
     cfg = json.loads((workdir / "config.json").read_text())
     rgb = np.asarray(Image.open(scratch / "image.png").convert("RGB"))[None]
