@@ -23,10 +23,10 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from fourm.compat import ml4m, ml4m_assets
-from fourm.generate.inputs import needing_tokenizer
 from fourm.compat.ml4m_tokenizers.config import parse_config, register_fixture_archs
 from fourm.compat.ml4m_tokenizers import unet
 from fourm.compat.ml4m_tokenizers.load import expected_state
+from fourm.generate.inputs import needing_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ML4M = REPO.parent / "shared" / "fixtures" / "ml4m"
