@@ -23,7 +23,8 @@ def get_config(arg=None):
   # CPU devices XLA exposes (set before JAX starts). The real count (1) is the fastest on a CPU:
   # 60 steps of the quickstart model took 33 s on 1 device and 57 s on 8 simulated ones (compile
   # included, run back to back; 2 devices: no faster than 1), whose all-reduces and per-device
-  # programs share the same 2 cores; tests/test_sharding.py proves 8 give the same result. The smoke profile keeps a 2-device mesh so the end-to-end test runs sharded.
+  # programs share the same 2 cores; tests/test_sharding.py proves 8 give the same result. The
+  # smoke profile keeps a 2-device mesh so the end-to-end test runs sharded.
   c.num_devices = 2 if smoke else 1
   # Scenes: train [0, train_scenes), held-out from heldout_start.
   c.train_scenes = 256 if smoke else 8192

@@ -245,6 +245,7 @@ def _generate(c, ref) -> list[Result]:
     depth = next(m for m in mods if m.name.startswith("tok_depth"))
     caption = next(m for m in mods if m.kind == "sequence")
     g = c.generate
+    buckets = int(g.buckets) or stepwise.DEFAULT_BUCKETS  # 0 in the config: fourm's default
     side = rgb.grid[0] * rgb.patch_size
     scene = generate_scene(0, 0, side)["rgb"][None]
     batches = [int(b) for b in g.batches]
@@ -258,7 +259,7 @@ def _generate(c, ref) -> list[Result]:
         for form in g.loops:
             # "buckets:N" = the bucketed loop with N buckets (a sweep next to the default's).
             loop, _, nb = str(form).partition(":")
-            nb = int(nb or g.buckets or stepwise.DEFAULT_BUCKETS)
+            nb = int(nb or buckets)
             gen = Generator(model, loop=loop, buckets=nb)
             for b in batches:
                 img = np.repeat(scene, b, axis=0)
@@ -288,7 +289,7 @@ def _generate(c, ref) -> list[Result]:
                                                                          schedule="cosine"))
                 out.append(_finish(r))
         # The caption alone: its condition (RGB + depth tokens) is fixed, so only text is timed.
-        gen = Generator(model, loop=g.loops[0], buckets=int(g.buckets or stepwise.DEFAULT_BUCKETS))
+        gen = Generator(model, loop=g.loops[0], buckets=buckets)
         toks = gen.generate({rgb.name: scene}, [t_depth], seed=0, decode=False).tokens[depth.name]
         last = {}
 
