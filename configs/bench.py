@@ -75,7 +75,7 @@ def get_config(arg=None):
       # buckets) | scan | unrolled; names of non-default forms end in .scan / .unrolled /
       # .bucketsN (compare them in one run).
       loops=["auto"],
-      buckets=0,  # shape classes per side for the bucketed loop (0: fourm's default,
+      buckets=0,  # step programs per target for the bucketed loop (0: fourm's default,
       # fourm.generate.stepwise.DEFAULT_BUCKETS; this config stays free of JAX imports)
   ))
 

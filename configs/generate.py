@@ -21,7 +21,7 @@ def get_config(arg=None):
   # shapes: quick to compile and to run; fourm.generate.stepwise) | scan (one compiled step body
   # at the largest shape) | unrolled (exact shapes per step in one program: slow to compile).
   c.loop = "auto"
-  c.buckets = stepwise.DEFAULT_BUCKETS  # shape classes per side (more: less padding, more programs)
+  c.buckets = stepwise.DEFAULT_BUCKETS  # step programs per target (more: less padding, more compiling)
   c.kv_cache = True
   # Sampler defaults per target kind: fourm's one default (greedy; fourm.generate.defaults),
   # shared with the quickstart and the notebooks.

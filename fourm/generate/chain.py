@@ -159,8 +159,8 @@ class Generator:
 
     tokenizers: {modality name: ImageTokenizer | TextTokenizer}; a TextTokenizer under any key
       serves every sequence modality. resize: resize wrong-size images with a notice (else error).
-    loop: "auto" = "buckets" (a host loop over one jitted step program per bucketed shape,
-      `fourm.generate.stepwise`; `buckets` size classes per side: fast to compile and to run),
+    loop: "auto" = "buckets" (a host loop over jitted step programs, at most `buckets` shapes
+      per target, `fourm.generate.stepwise`: fast to compile and to run),
       "scan" (one lax.scan at the largest step's shape) or "unrolled" (exact shapes per step in
       one program; needs the same number of known tokens in every sample). kv_cache: False re-runs the decoder
       per token (the reference algorithm; for checks). The reserved text ids (EOS, sentinels)

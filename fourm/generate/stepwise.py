@@ -3,10 +3,13 @@
 The two loop forms of `maskgit.iterative_decode` trade compile time against run time: unrolled
 inside one jit, every step is a distinct exact shape (no padding compute, but S step bodies to
 compile); as one `lax.scan`, every step runs at the largest step's shape (one body, padded). Here
-the step (`maskgit.grid_step`) is its own jitted program whose static sizes (known slots, query
-slots) are rounded up to a multiple of ceil(N / buckets): the number of compiled programs is the
-number of distinct bucket pairs (at most 2 * buckets, shared by every step, call and target of the
-same shapes), and a step pads at most N / buckets slots on each side.
+the step (`maskgit.grid_step`) is its own jitted program with static sizes (known slots, query
+slots), and the S steps are split into at most `buckets` runs of consecutive steps, each run at
+one shape (its largest known and largest query count): the split that pads the fewest slots
+(`step_sizes`). So a decode compiles at most `buckets` programs, and the padding goes where the
+sizes change least. Sizes are multiples of ceil(N / GRID), so calls whose counts differ a little
+(other partial conditions, per-sample schedules) still share programs, across steps, calls and
+targets of the same shapes.
 
 Every sample's number of known and queried positions per step is known on the host before the
 loop (the schedule fixes how many tokens each step commits), so the sizes are plain ints. The
@@ -31,31 +34,65 @@ from fourm.generate.sampling import Filter
 # step_fn(carry, xs, forced, num_steps, sizes=) -> (carry, trace), jitted with `sizes` static.
 StepFn = Callable
 
-# Shape classes per side. MaskGIT-8 RGB -> depth on 4M-T, batch 1 (196 tokens, 2 idle cores, Dec 7;
-# `fourm-bench --only generate --config.generate.loops=...` times such a sweep): 2 buckets 0.356 s
-# (first call 3.6 s), 4 buckets 0.311 s (4.5 s), 7 buckets 0.294 s (7.8 s), exact per-step shapes
-# 0.287 s, one unrolled program 0.280 s (8.8 s). 4 keeps most of the exact shapes' speed; a step
-# pads at most a quarter of the grid on each side.
-DEFAULT_BUCKETS = 4
+# Step programs per decode. MaskGIT-8 RGB -> depth on 4M-T, batch 1 (196 tokens, 2 cores, Dec 7,
+# one process, alternating calls; `fourm-bench --only generate --config.generate.loops=...` times
+# such a sweep): 4 runs 0.347 s, 5 runs 0.344 s, 6 runs 0.339 s, where the earlier fixed buckets
+# (multiples of N/4 on each side, 5 programs) took 0.363 s. 5 keeps that program count.
+DEFAULT_BUCKETS = 5
+# Sizes are multiples of ceil(N / GRID) slots.
+GRID = 32
 
 
-def bucket(size: int, total: int, buckets: int) -> int:
-    """Smallest multiple of ceil(total / buckets) that holds `size` (and at least one slot)."""
-    quantum = max(math.ceil(total / max(int(buckets), 1)), 1)
+def bucket(size: int, total: int, grid: int = GRID) -> int:
+    """Smallest multiple of ceil(total / grid) that holds `size` (at least one slot, at most total)."""
+    quantum = max(math.ceil(total / max(int(grid), 1)), 1)
     return min(max(math.ceil(max(int(size), 1) / quantum), 1) * quantum, max(total, 1))
+
+
+def split_steps(sizes: list[tuple[int, int]], buckets: int) -> list[tuple[int, int]]:
+    """Per-step (known, query) slot counts -> the same list with consecutive steps merged into at
+    most `buckets` runs, each at its largest known and largest query count, choosing the runs
+    that add the fewest padded slots (known + query, summed over steps; exact dynamic program)."""
+    s = len(sizes)
+    if s == 0:
+        return []
+    k = np.array([a for a, _ in sizes], np.int64)
+    q = np.array([b for _, b in sizes], np.int64)
+    # cost[i, j]: steps i..j as one run, (j - i + 1) * (max k + max q); inf below the diagonal.
+    cost = np.full((s, s), np.inf)
+    for i in range(s):
+        width = np.arange(1, s - i + 1)
+        cost[i, i:] = width * (np.maximum.accumulate(k[i:]) + np.maximum.accumulate(q[i:]))
+    # best[i]: fewest slots for steps i.. with the runs allowed so far; `cut` remembers run ends.
+    best = np.append(cost[:, -1], 0.0)
+    cuts = []
+    for _ in range(max(int(buckets), 1) - 1):
+        total = cost + best[None, 1:]  # run i..j, then the best for j+1..
+        cut = np.argmin(total, axis=1)
+        cuts.append(cut)
+        best = np.append(total[np.arange(s), cut], 0.0)
+    out, i = [], 0
+    for cut in [*reversed(cuts), np.full(s, s - 1)]:  # a run with all runs allowed, then one fewer
+        if i >= s:
+            break
+        j = int(cut[i])
+        out += [(int(k[i:j + 1].max()), int(q[i:j + 1].max()))] * (j - i + 1)
+        i = j + 1
+    return out
 
 
 def step_sizes(known: np.ndarray, counts: np.ndarray, scheme: str, buckets: int
                ) -> list[tuple[int, int]]:
-    """Bucketed (known slots, query slots) for every step, from the host-side known mask [B,N]
-    and the per-sample schedule counts [B,S]: each covers the largest sample of that step."""
+    """(known slots, query slots) for every step, from the host-side known mask [B,N] and the
+    per-sample schedule counts [B,S]: each covers the largest sample of that step, on the
+    ceil(N / GRID) grid, split into at most `buckets` shapes (`split_steps`)."""
     known = np.asarray(known, bool)
     n = known.shape[-1]
     counts = np.broadcast_to(np.asarray(counts), (known.shape[0], np.shape(counts)[-1]))
     done = known.sum(-1)[:, None] + np.cumsum(counts, axis=-1) - counts  # known before step s
     query = n - done if scheme == "maskgit" else counts
-    return [(bucket(int(k), n, buckets), bucket(int(q), n, buckets))
-            for k, q in zip(done.max(0), query.max(0))]
+    exact = [(bucket(int(k), n), bucket(int(q), n)) for k, q in zip(done.max(0), query.max(0))]
+    return split_steps(exact, buckets)
 
 
 def bucketed_decode(step_fn: StepFn, tokens, known, rng: jax.Array, counts: np.ndarray,
