@@ -97,6 +97,8 @@ def test_quickstart_smoke_runs_and_caches(tmp_path):
     assert set(results) == {f"startup.{n}.warm" for n in ("generate", "train", "tokenizer")}
     for r in results.values():
         assert r.seconds > 0 and r.first_s > 0 and r.extra["steady_s"] > 0, r
+    train = results["startup.train.warm"].extra  # its first step, timed from the live log
+    assert 0 < train["first_step_warm_s"][0] < train["warm_s"][0], train
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))

@@ -61,6 +61,9 @@ def straight(shards, tmp_path_factory, jax_cache):
     p = cli(shards, workdir, env=jax_cache)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"done at step {STEPS}" in p.stdout
+    # Start-up is reported: the train step's compile time, and when the first step was done.
+    assert re.search(r"train step compiled in [\d.]+ s", p.stderr), p.stderr[-2000:]
+    assert re.search(r"first step done [\d.]+ s after start \(train step compile [\d.]+ s\)", p.stderr)
     return workdir
 
 

@@ -6,8 +6,9 @@
 Three commands a user runs, each timed as a whole process (`python -m` the console script's
 module, so interpreter start, imports, loading and compilation all count):
 * `fourm-generate` on one held-out image: RGB -> depth + caption with the quickstart checkpoint;
-* `fourm-train` from start to its first step (one step, on the quickstart's shards, no
-  checkpoint: `ckpt_every` past the end);
+* `fourm-train` from start to its first step (one step, on the quickstart's shards; the
+  process also writes its final checkpoint and export, so its first step is timed apart: when
+  the trainer's "first step done" line arrives);
 * a tokenizer export: load + the first encode of one image.
 Each runs *cold* (an empty JAX compilation cache, `FOURM_COMPILATION_CACHE=<new folder>`) and
 then *warm* (a second process with that cache filled), `rounds` times, alternating; the median
@@ -33,6 +34,7 @@ from pathlib import Path
 from fourm.bench.common import Result
 
 _TIME_LINE = re.compile(r"time: load ([\d.]+) s, generate ([\d.]+) s \(compile ([\d.]+) s")
+_FIRST_STEP = "first step done"  # fourm.train.trainer's log line
 
 
 def _env(cache: Path) -> dict:
@@ -41,14 +43,22 @@ def _env(cache: Path) -> dict:
     return env
 
 
-def _run(cmd: list[str], cache: Path, cwd: Path) -> tuple[float, str]:
+def _run(cmd: list[str], cache: Path, cwd: Path) -> tuple[float, str, float | None]:
+    """(wall s, output, s from the start until a line with `_FIRST_STEP` arrived, or None)."""
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=_env(cache), cwd=cwd, capture_output=True, text=True)
+    first_step = None
+    lines = []
+    with subprocess.Popen(cmd, env=_env(cache), cwd=cwd, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as p:
+        for line in p.stdout:
+            if first_step is None and _FIRST_STEP in line:
+                first_step = time.perf_counter() - t0
+            lines.append(line)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+        tail = "".join(lines).strip().splitlines()[-3:]
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {p.returncode}: {' | '.join(tail)}")
-    return wall, p.stdout
+    return wall, "".join(lines), first_step
 
 
 def commands(workdir: Path, scratch: Path) -> dict[str, list[str]]:
@@ -146,6 +156,7 @@ def run(workdir: Path, rounds: int = 2, log=print) -> list[Result]:
         scratch = Path(tmp)
         cmds = commands(workdir, scratch)
         walls: dict[str, dict[str, list[float]]] = {k: {"cold": [], "warm": []} for k in cmds}
+        first_step: dict[str, list[float]] = {"cold": [], "warm": []}
         split: dict[str, list[tuple[float, ...]]] = {"cold": [], "warm": []}
         for r in range(rounds):
             for name, cmd in cmds.items():
@@ -153,8 +164,12 @@ def run(workdir: Path, rounds: int = 2, log=print) -> list[Result]:
                 for kind in ("cold", "warm"):
                     # training gets a fresh workdir each time, so its step always runs
                     argv = cmd + [f"--workdir={scratch / f'train_{r}_{kind}'}"] if name == "train" else cmd
-                    wall, out = _run(argv, cache, scratch)
+                    wall, out, first = _run(argv, cache, scratch)
                     walls[name][kind].append(wall)
+                    if name == "train":
+                        if first is None:
+                            raise RuntimeError(f"fourm-train printed no {_FIRST_STEP!r} line")
+                        first_step[kind].append(first)
                     m = _TIME_LINE.search(out) if name == "generate" else None
                     if m:
                         split[kind].append(tuple(float(v) for v in m.groups()))
@@ -170,6 +185,10 @@ def run(workdir: Path, rounds: int = 2, log=print) -> list[Result]:
             extra.update(base[name], warm_over_work=warm / work)
             note += (f"; in-process load {base[name]['load_s']:.2f} s + steady {base[name]['steady_s']:.3f} s"
                      f" -> warm is {warm / work:.1f}x that")
+        if name == "train":
+            cold_first, warm_first = (statistics.median(first_step[k]) for k in ("cold", "warm"))
+            extra.update(first_step_cold_s=first_step["cold"], first_step_warm_s=first_step["warm"])
+            note += f"; its first step done after {cold_first:.1f} s cold, {warm_first:.1f} s warm"
         if name == "generate" and split["warm"]:
             extra["generate_split"] = {k: [dict(zip(("load_s", "generate_s", "compile_s"), v)) for v in vs]
                                        for k, vs in split.items()}

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from fourm.io import atomic_write_json
 from fourm.masking import GrainMasking
 from fourm.model import loss_fn as fourm_loss_fn
 from fourm.model.pretrained import save_pretrained
+from fourm.runtime import CompileTimer
 from fourm.train import checkpointing, finetune, input_pipeline, metrics as metrics_lib
 from fourm.train.checkpointing import CheckpointMismatchError  # noqa: F401 (re-exported)
 from fourm.train.mesh import describe as describe_mesh
@@ -150,6 +152,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> Trai
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str | None, preempt: PreemptionWatch) -> TrainResult:
+    started = time.perf_counter()
     check_config(config, jax.device_count())  # before anything is read or written
     workdir = Path(workdir or config.workdir).absolute()
 
@@ -206,8 +209,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str | None, preempt: Pree
     restored = ckpt.restore_latest(plan.abstract_state, data_iter)  # a misfit raises before compiling
     writer.resume_at(0 if restored is None else restored.step)  # later rows are redone: drop them
     # Compiled ahead of time once the checkpoint is known to fit the model.
-    train_step, fingerprint = compile_train_step(plan.train_step, plan.abstract_state,
-                                                 plan.abstract_batch, mesh)
+    with CompileTimer() as compiled:  # with the persistent cache warm: tracing + a cache read
+        train_step, fingerprint = compile_train_step(plan.train_step, plan.abstract_state,
+                                                     plan.abstract_batch, mesh)
+    log.info("train step compiled in %.1f s", compiled.seconds)
     eval_step = plan.eval_step
     ckpt_meta = {"train_step_fingerprint": fingerprint}
     if restored is not None:
@@ -257,6 +262,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str | None, preempt: Pree
         """Host side of a step, run one step late so the device is never idle waiting for it."""
         nonlocal skipped
         m = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
+        if step == start + 1:
+            log.info("first step done %.1f s after start (train step compile %.1f s)",
+                     time.perf_counter() - started, compiled.seconds)
         if m["finite"] < 1:
             if config.nonfinite != "skip":
                 raise NonFiniteError(nonfinite_report(step, m))
