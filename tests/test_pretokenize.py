@@ -81,6 +81,7 @@ def test_records_and_manifest(tmp_path, text_tok):
     assert man["modalities"]["caption"]["vocab_size"] == text_tok.vocab_size
     assert man["text"]["value_bins"] == text_tok.value_bins
     assert man["benchmark"]["samples"] == 10 and man["benchmark"]["samples_per_second"] > 0
+    assert 0 < man["benchmark"]["cores_busy"] <= man["benchmark"]["cores"] + 0.5  # CPU s / wall s
     for i in (0, 5, 9):
         rec = P.decode_record(ds[i])
         s = generate_scene(0, i, 64)

@@ -60,7 +60,7 @@ def run(args, F) -> int:
                   f"{spec['max_length']}; {ln['over_max_length']} samples longer)")
     print(f"benchmark: {b['samples']} samples in {b['seconds']:.2f} s = "
           f"{b['samples_per_second']:.1f} samples/s (workers={b['workers']}, "
-          f"batch={b['batch_size']})")
+          f"batch={b['batch_size']}), {b['cores_busy']:.1f} of {b['cores']} cores busy")
     return 0
 
 

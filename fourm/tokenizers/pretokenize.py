@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import queue
+import resource
 import threading
 import time
 from pathlib import Path
@@ -262,6 +263,12 @@ def _sample_iter(source, indices: Sequence[int], pool, workers: int, chunk: int 
 
 
 # ------------------------------------------------------------------------------------ driver
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have been waited for."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str],
                 image_tokenizers: Mapping[str, ImageTokenizerLike] | None = None, text_tokenizer=None,
                 shard_size: int = 1000, batch_size: int = 32, workers: int = 0,
@@ -337,7 +344,7 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                                       initargs=(registry.loaded_modules(),))
     bar = tqdm(total=total, initial=done_samples, unit="sample", desc="pretokenize",
                disable=not progress)
-    t0, processed = time.perf_counter(), 0
+    t0, cpu0, processed = time.perf_counter(), _cpu_seconds(), 0
     try:
         for written, (k, lo, hi, path) in enumerate(todo):
             if fail_after_shards is not None and written >= fail_after_shards:
@@ -373,6 +380,8 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
             pool.shutdown(cancel_futures=True)
     seconds = time.perf_counter() - t0
     rate = processed / seconds if seconds > 0 and processed else 0.0
+    # Cores kept busy: CPU seconds of this process and its (finished) workers per wall second.
+    busy = (_cpu_seconds() - cpu0) / seconds if seconds > 0 and processed else 0.0
 
     shards, seq = [], {n: dict(max=0, sum=0, over_max_length=0) for n, s in specs.items()
                        if s["kind"] == "sequence"}
@@ -395,6 +404,7 @@ def pretokenize(source, out_dir: str | os.PathLike, *, modalities: Sequence[str]
                         num_sentinels=text_tokenizer.num_sentinels),
                     benchmark=dict(samples=processed, seconds=round(seconds, 3),
                                    samples_per_second=round(rate, 2), workers=workers,
+                                   cores_busy=round(busy, 2), cores=os.cpu_count(),
                                    batch_size=batch_size))
     if augment is not None:
         manifest["augment"] = run["augment"]
