@@ -154,7 +154,11 @@ def test_folder_condition_batches_images_like_single_runs(files, tmp_path, capsy
     assert [p.name for p in paths] == ["img0.png", "img1.png", "img2.png"]
     gen = Generator(small_model(), loop="auto", buckets=2, compiler_options=FAST)
     greedy = dataclasses.replace(DEPTH, temperature=0.0)
+    sizes, generate = [], gen.generate
+    gen.generate = lambda cond, *a, **k: sizes.append(len(cond["rgb@64"])) or generate(cond, *a, **k)
     assert cli.run_folder(gen, {}, "rgb@64", paths, [greedy], 0, 2, tmp_path / "out", 64) == 0
+    assert sizes == [2, 2]  # the last, short call is padded to the first call's batch
+    del gen.generate
     index = json.loads((tmp_path / "out" / "images.json").read_text())
     assert [(e["folder"], e["sample"]) for e in index] == [("batch_000", 0), ("batch_000", 1),
                                                             ("batch_001", 0)]
@@ -163,6 +167,16 @@ def test_folder_condition_batches_images_like_single_runs(files, tmp_path, capsy
         last = z["tok_depth@64"]
     alone = gen.generate({"rgb@64": imgs[2]}, [greedy], seed=0).tokens["tok_depth@64"]
     np.testing.assert_array_equal(last, alone)
+    # Generation.first: every batch axis cut, the per-step trace's too (steps come first there).
+    full = gen.generate({"rgb@64": imgs}, [greedy, CAPTION], seed=0, return_trace=True)
+    two = full.first(2)
+    tr, tr2 = full.trace["tok_depth@64"], two.trace["tok_depth@64"]
+    assert two.tokens["tok_depth@64"].shape[0] == 2 and tr2["decode_step"].shape[0] == 2
+    np.testing.assert_array_equal(tr2["step_ids"], tr["step_ids"][:, :2])
+    assert tr2["num_tokens_per_step"].shape == (2, tr["num_tokens_per_step"].shape[1])
+    cap, cap2 = full.trace["caption"], two.trace["caption"]  # sequences: batch-first throughout
+    np.testing.assert_array_equal(cap2["step_logp"], cap["step_logp"][:2])
+    assert len(cap2["merged"]) == 2 and two.tokens["caption"].shape[0] == 2
     Image.fromarray(imgs[0][:32]).save(folder / "img3.png")
     with pytest.raises(CommandError, match="img3.png is \\[32, 64, 3\\]"):
         cli.read_folder_chunk(small_model().spec.modality("rgb@64"), cli.folder_files("x", folder), 64)

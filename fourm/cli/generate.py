@@ -511,7 +511,11 @@ def run_folder(gen, conditions: dict, name: str, files: list[Path], targets, see
                per_call: int, root: Path, res: int, ml4m: bool = False) -> int:
     """Generate for every file of a folder condition, `per_call` images per batched call: outputs
     in root/batch_NNN (as a single run writes them), root/images.json maps each file to its
-    folder and sample; prints samples/s overall and after the first call (which compiles)."""
+    folder and sample; prints samples/s overall and after the first call (which compiles). A last,
+    shorter call is padded to `per_call` (its last image repeated, the extra samples dropped), so
+    it runs the programs the first call compiled."""
+    import numpy as np
+
     from fourm.data.folder import atomic_write_bytes
     from fourm.runtime import CompileTimer
 
@@ -519,10 +523,16 @@ def run_folder(gen, conditions: dict, name: str, files: list[Path], targets, see
     index, times, compile_s = [], [], 0.0
     for i, lo in enumerate(range(0, len(files), per_call)):
         chunk = files[lo:lo + per_call]
-        cond = dict(conditions, **{name: read_folder_chunk(mod, chunk, res, ml4m)})
+        batch = read_folder_chunk(mod, chunk, res, ml4m)
+        cond = dict(conditions, **{name: batch})
+        pad = per_call - len(chunk) if lo > 0 else 0
+        run_cond = dict(conditions, **{name: np.concatenate([batch, np.repeat(batch[-1:], pad, 0)])}) \
+            if pad else cond
         t0 = time.perf_counter()
         with CompileTimer() as compiled:
-            out = gen.generate(cond, targets, seed=seed)
+            out = gen.generate(run_cond, targets, seed=seed)
+        if pad:
+            out = out.first(len(chunk))
         times.append((time.perf_counter() - t0, len(chunk)))
         compile_s += compiled.seconds
         sub = f"batch_{i:03d}"

@@ -90,6 +90,22 @@ class Generation:
     notices: list[str]
     seconds: dict[str, float]  # wall time per target (including compilation on first use)
 
+    def first(self, n: int) -> "Generation":
+        """The first `n` samples (e.g. of a batch padded to a compiled size)."""
+        def cut(tr, key, v):
+            if isinstance(v, list):
+                return v[:n]
+            # A grid target's per-step trace is [S, B, N] (steps first); all else is batch-first.
+            steps_first = "decode_step" in tr and key in ("step_ids", "step_logp")
+            return np.asarray(v)[:, :n] if steps_first else np.asarray(v)[:n]
+
+        return Generation(
+            tokens={k: v[:n] for k, v in self.tokens.items()},
+            text={k: v[:n] for k, v in self.text.items()},
+            decoded={k: v[:n] for k, v in self.decoded.items()},
+            trace={t: {k: cut(tr, k, v) for k, v in tr.items()} for t, tr in self.trace.items()},
+            notices=self.notices, seconds=self.seconds)
+
 
 # ------------------------------------------------------------------------------------------
 # Jitted stages. graphdef and settings are static; weights and arrays are traced.
