@@ -415,8 +415,10 @@ def bench_pretokenize(c) -> list[Result]:
         t = time_calls(call, c.iters)
     return [_finish(Result(f"pretokenize.{p.tokenizers}@{p.resolution}", t.median_s / p.num,
                            p.num / t.median_s, "samples/s", first_s=t.first_s, cpu_s=t.cpu_s / p.num,
-                           note="time per sample; scenes in memory, shards on local disk",
-                           extra=dict(num=p.num, modalities=list(p.modalities), call_s=t.median_s)))]
+                           note=(f"time per sample; scenes in memory, shards on local disk; "
+                                 f"{t.cpu_s / t.median_s:.1f} of {os.cpu_count()} cores busy"),
+                           extra=dict(num=p.num, modalities=list(p.modalities), call_s=t.median_s,
+                                      cores_busy=t.cpu_s / t.median_s)))]
 
 
 def bench_pipeline(c) -> list[Result]:
