@@ -147,7 +147,7 @@ def jit_step(compact_logits_fn, *, scheme: str = "maskgit", flt: Filter = Filter
 
 
 # ------------------------------------------------------------------------------------------
-# The model's step: one jitted program per (model, condition shapes, settings, bucket pair).
+# The model's step: one jitted program per (model, condition shapes, settings, step shape).
 # ------------------------------------------------------------------------------------------
 def _model_step(graphdef, state, cond, carry, xs, forced, num_steps, *, name, scheme, flt,
                 choice_temperature, return_trace, groups, sizes):
